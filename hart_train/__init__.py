@@ -1,0 +1,1 @@
+"""HART training: stages, the DeepSpeed runtime, checkpoints, the HART transformer, sampling, CLIs."""

@@ -1,0 +1,1 @@
+"""The hybrid AE/VQ tokenizer of HART: encoder, multi-scale residual quantizer, decoder, discriminator, losses."""
