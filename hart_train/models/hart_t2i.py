@@ -1,0 +1,526 @@
+"""HART text-to-image transformer (`HARTForT2I`), weight-compatible with mit-han-lab/hart.
+
+Shape legend: B batch, T text tokens (context_token), Dt text width (context_dim), L image tokens over all
+scales (sum pn^2), k last-scale tokens kept, C width, V vocab, Cv latent channels (Cvae), S scales.
+
+Sequence: [T text tokens] + [scales 1..S-1 teacher-forcing inputs]; the 1x1 scale is predicted from the
+last text token, so the logits `[T-1:]` line up with the concatenated ground-truth indices. The text
+embedding `context_embed(context_norm(text))` is both the prefix tokens and, pooled, the AdaLN condition.
+The training forward follows the released `HARTForT2I.forward` (T2I:564-707): MAR-style dropping of most
+last-scale tokens, the text drop for CFG, discrete logits, and the residual-diffusion loss whose target is
+relative to the model's *sampled* last-scale token. The released code returns the pieces; the loss
+combination (CE + diff_weight * diffusion) is ours (hart#15).
+
+Decisions:
+- Every random draw comes from one `torch.Generator` (`draw_training_randomness`), so a run is a pure
+  function of its seed; the draws can also be passed in, which is how a parity check feeds recorded ones.
+- Attention is block-causal per scale without a mask (see attention.py); no `attn_bias_for_masking` or
+  `lvl_1L` buffers exist here. `load_official_state_dict` drops them, `official_state_dict` regenerates
+  them for the released code.
+- The tokenizer is not imported: the codebook (V, Cv) and the next-scale input function are arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .blocks import AdaLNBeforeHead, AdaLNSelfAttn, KVCache, RMSNorm, TimestepEmbedder, context_pooling
+from .diffloss import DiffLoss
+from .diffusion import space_timesteps
+from .rope import context_position_ids as positions_from_mask
+from .rope import image_positions, rope_1d, rope_2d
+
+PATCH_NUMS_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
+REGENERABLE_BUFFERS = ("lvl_1L", "attn_bias_for_masking")
+
+
+@dataclass
+class HARTConfig:
+    depth: int = 16
+    embed_dim: int = 1536
+    # Not readable from weight shapes (unless attn_l2_norm): 16 is the released code default (head dim 96).
+    num_heads: int = 16
+    mlp_ratio: float = 4.0  # SwiGLU hidden = int(C*ratio*2/3 + 255) // 256 * 256
+    norm_eps: float = 1e-6
+    # False (released default): attention scale 0.25/sqrt(head_dim), a released quirk the weights depend on.
+    # True: q, k l2-normalised with a learned per-head scale (adds blocks.*.attn.scale_mul_1H11).
+    attn_l2_norm: bool = False
+    sep_aln_pooling_mode: str = "max"  # block AdaLN pooling of text tokens: "max" (all tokens) or "avg" (masked)
+    use_context_norm: bool = True  # RMSNorm on the text embeddings (adds context_norm.weight)
+    context_norm_scale: float = 1.0  # initial context_norm weight (the released fused norm ignores it: 1.0)
+    cond_drop_rate: float = 0.1
+    # True (released quirk, T2I:606): drop text where randn(B) < rate, i.e. ~54% of samples at 0.1.
+    # False: rand(B) < rate (VAR's intent).
+    cond_drop_randn: bool = True
+    drop_path_rate: float = 0.0
+    patch_nums: tuple[int, ...] = PATCH_NUMS_1024
+    context_token: int = 300
+    context_dim: int = 1536
+    vocab_size: int = 4096
+    Cvae: int = 32
+    diff_width: int = 1024
+    diff_depth: int = 6
+    num_sampling_steps: str = "8"
+    diffusion_batch_mul: int = 4
+    vae_scale: float = 0.6
+    diff_weight: float = 1.0  # loss = CE + diff_weight * diffusion loss
+    # last-scale token dropping (T2I:544-562): mask rate ~ truncnorm on [mask_ratio_min, 1], loc 1, sd 0.25;
+    # num dropped = min(ceil(n*rate), n - last_scale_min_keep) with Python slice semantics for a negative
+    # value, exactly as released (so 16 < n < 32 still drops 2n-32 tokens; n <= 16 drops none).
+    mask_ratio_min: float = 0.5
+    last_scale_min_keep: int = 32
+    # training-time sampling of the last-scale token that the diffusion residual is relative to
+    train_top_k: int = 600
+    train_top_p: float = 0.96
+    # True (released quirk, T2I:480/511): the last scale's CFG and the diffusion CFG reuse the ratio of
+    # scale S-2, t = cfg*(S-2)/(S-1). False: t = cfg at the last scale.
+    cfg_last_reuses_ratio: bool = True
+
+    def __post_init__(self):
+        self.patch_nums = tuple(int(p) for p in self.patch_nums)
+        positive = ("depth", "embed_dim", "num_heads", "context_token", "context_dim", "vocab_size", "Cvae",
+                    "diff_width", "diff_depth", "diffusion_batch_mul", "train_top_k")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"HARTConfig.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("mlp_ratio", "norm_eps", "vae_scale", "context_norm_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"HARTConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 4:
+            raise ValueError(f"HARTConfig.num_heads={self.num_heads}: embed_dim/num_heads must be a multiple of 4 (2D RoPE)")
+        if self.sep_aln_pooling_mode not in ("avg", "max"):
+            raise ValueError(f"HARTConfig.sep_aln_pooling_mode must be 'avg' or 'max', got {self.sep_aln_pooling_mode!r}")
+        pn = self.patch_nums
+        if len(pn) < 2 or pn[0] != 1 or any(b <= a for a, b in zip(pn, pn[1:])):
+            raise ValueError(f"HARTConfig.patch_nums must start at 1 and strictly increase (>= 2 scales), got {pn}")
+        for name in ("cond_drop_rate", "train_top_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"HARTConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"HARTConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if not 0.0 < self.mask_ratio_min <= 1.0:
+            raise ValueError(f"HARTConfig.mask_ratio_min must be in (0, 1], got {self.mask_ratio_min}")
+        if self.diff_weight < 0 or self.last_scale_min_keep < 0:
+            raise ValueError("HARTConfig.diff_weight and HARTConfig.last_scale_min_keep must be >= 0")
+        try:
+            space_timesteps(1000, str(self.num_sampling_steps))
+        except ValueError as e:
+            raise ValueError(f"HARTConfig.num_sampling_steps={self.num_sampling_steps!r}: {e}") from None
+        self.num_sampling_steps = str(self.num_sampling_steps)
+
+
+PRESETS: dict[str, dict] = {
+    "hart-0.7b": dict(),  # the released hart-0.7b-1024px shapes (732,497,472 params)
+    "tiny": dict(depth=2, embed_dim=64, num_heads=4, patch_nums=(1, 2, 4), context_token=8, context_dim=32,
+                 vocab_size=64, Cvae=8, diff_width=64, diff_depth=2),
+}
+
+
+def hart_config(name: str, **overrides) -> HARTConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown HART preset {name!r}; choose from {sorted(PRESETS)}")
+    return HARTConfig(**{**PRESETS[name], **overrides})
+
+
+@dataclass
+class TextCond:
+    """The text side of one forward: prefix tokens / AdaLN condition (B, T, C), pooled (B, C), RoPE positions."""
+
+    cond_BTC: torch.Tensor
+    pooled_BC: torch.Tensor
+    position_ids_BT: torch.Tensor
+
+
+@dataclass
+class TrainDraws:
+    """Every random quantity of one training forward. `None` fields are drawn inside the forward."""
+
+    keep_last_idx: torch.Tensor  # (B, k) sorted kept positions of the last scale
+    drop_text: torch.Tensor  # (B,) bool
+    drop_path_keep: torch.Tensor | None = None  # (depth, 2, B) multipliers, or None
+    sampled_idx: torch.Tensor | None = None  # (B, k) last-scale tokens the residual is relative to
+    diff_t: torch.Tensor | None = None  # (mul*B*k,)
+    diff_noise: torch.Tensor | None = None  # (mul*B*k, Cv)
+
+
+class HARTForT2I(nn.Module):
+    def __init__(self, config: HARTConfig):
+        super().__init__()
+        self.config = cfg = config
+        C = cfg.embed_dim
+        self.patch_nums = cfg.patch_nums
+        self.num_scales = len(cfg.patch_nums)
+        self.L = sum(p * p for p in cfg.patch_nums)
+        self.grad_checkpointing = False
+
+        self.word_embed = nn.Linear(cfg.Cvae, C)
+        self.context_embed = nn.Linear(cfg.context_dim, C)
+        if cfg.use_context_norm:
+            self.context_norm = RMSNorm(cfg.context_dim, cfg.norm_eps, init_scale=cfg.context_norm_scale)
+        else:
+            self.context_norm = nn.Identity()
+        self.lvl_embed = TimestepEmbedder(C)
+        dpr = [x.item() for x in torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu")]
+        self.blocks = nn.ModuleList(
+            AdaLNSelfAttn(C, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.attn_l2_norm, dpr[i]) for i in range(cfg.depth)
+        )
+        self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
+        self.head = nn.Linear(C, cfg.vocab_size)
+        self.decoder_norm = RMSNorm(C, cfg.norm_eps)
+        self.diffloss = DiffLoss(cfg.Cvae, C, cfg.diff_width, cfg.diff_depth, cfg.num_sampling_steps, cfg.vae_scale)
+        self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1.0):
+        """VAR's init (T2I:709-806): trunc-normal Linears (std sqrt(1/3C) by default), small head, AdaLN
+        gammas ~0, proj / sqrt(2 depth) (the llama MLP has no fc2, so down_proj is not rescaled), MAR's
+        init for the diffusion head. RMSNorm weights keep their constructor values."""
+        C, depth = self.config.embed_dim, self.config.depth
+        std = math.sqrt(1 / C / 3) if init_std < 0 else init_std
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                if m.weight is not None:
+                    m.weight.fill_(1.0)
+                if m.bias is not None:
+                    m.bias.zero_()
+        self.head.weight.mul_(init_head)
+        self.head.bias.zero_()
+        self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+        self.head_nm.ada_lin[-1].bias.zero_()
+        for b in self.blocks:
+            b.attn.proj.weight.div_(math.sqrt(2 * depth))
+            b.ada_lin[-1].weight[2 * C:].mul_(init_adaln)
+            b.ada_lin[-1].weight[: 2 * C].mul_(init_adaln_gamma)
+            b.ada_lin[-1].bias.zero_()
+        self.diffloss.initialize_weights()
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    # ------------------------------------------------------------------ shared pieces
+    def prepare_text(self, context_BTDt, context_mask_BT, context_position_ids_BT=None) -> TextCond:
+        cond = self.context_embed(self.context_norm(context_BTDt))
+        pos = positions_from_mask(context_mask_BT) if context_position_ids_BT is None else context_position_ids_BT
+        return TextCond(cond, context_pooling(cond, context_mask_BT, self.config.sep_aln_pooling_mode), pos)
+
+    def level_embeddings(self) -> torch.Tensor:
+        """(S, C): level 0 is the text prefix (and scale 0), level s the inputs of scale s."""
+        return self.lvl_embed(torch.arange(self.num_scales, device=self.head.weight.device))
+
+    def get_logits(self, h_BLC: torch.Tensor, cond_BTC: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_nm(h_BLC.float(), cond_BTC).float()).float()
+
+    def _run_blocks(self, x, pooled, cos, sin, seg_lens=None, cache=None, drop_path_keep=None):
+        for i, b in enumerate(self.blocks):
+            keep = None if drop_path_keep is None else drop_path_keep[i]
+            layer_cache = None if cache is None else cache.layers[i]
+            if self.grad_checkpointing and torch.is_grad_enabled() and cache is None:
+                x = checkpoint(b, x, pooled, cos, sin, seg_lens, None, keep, use_reentrant=False)
+            else:
+                x = b(x, pooled, cos, sin, seg_lens, layer_cache, keep)
+        return x
+
+    # ------------------------------------------------------------------ teacher forcing
+    def forward_logits(
+        self,
+        context_BTDt: torch.Tensor,
+        context_mask_BT: torch.Tensor,
+        x_BLCv_wo_first_l: torch.Tensor,
+        context_position_ids_BT: torch.Tensor | None = None,
+        keep_last_idx: torch.Tensor | None = None,
+        drop_path_keep: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, TextCond]:
+        """Deterministic teacher-forcing pass. Returns logits (B, L', V) aligned with the ground truth
+        (L' = L, or fewer when `keep_last_idx` keeps k last-scale tokens), the final hidden states
+        (B, T + L' - 1, C) and the text condition."""
+        cfg, S, T = self.config, self.num_scales, self.config.context_token
+        n_last = self.patch_nums[-1] ** 2
+        text = self.prepare_text(context_BTDt, context_mask_BT, context_position_ids_BT)
+        x_img = x_BLCv_wo_first_l
+        k = n_last
+        if keep_last_idx is not None:
+            k = keep_last_idx.shape[1]
+            last = torch.gather(x_img[:, -n_last:], 1, keep_last_idx[..., None].expand(-1, -1, cfg.Cvae))
+            x_img = torch.cat((x_img[:, :-n_last], last), dim=1)
+        x = torch.cat((text.cond_BTC, self.word_embed(x_img.float())), dim=1)
+        seg_lens = [T] + [p * p for p in self.patch_nums[1:-1]] + [k]
+        lvl = torch.repeat_interleave(torch.arange(S, device=x.device), torch.tensor(seg_lens, device=x.device))
+        x = x + self.level_embeddings()[lvl]
+
+        cos_t, sin_t = rope_1d(text.position_ids_BT, cfg.embed_dim // cfg.num_heads)
+        pos_img = image_positions(self.patch_nums, range(1, S), text.position_ids_BT[:, -1], keep_last_idx)
+        cos_i, sin_i = rope_2d(pos_img, cfg.embed_dim // cfg.num_heads)
+        cos, sin = torch.cat((cos_t, cos_i), dim=1), torch.cat((sin_t, sin_i), dim=1)
+
+        h = self._run_blocks(x, text.pooled_BC, cos, sin, seg_lens=seg_lens, drop_path_keep=drop_path_keep)
+        return self.get_logits(h, text.cond_BTC)[:, T - 1:], h, text
+
+    def draw_training_randomness(self, B: int, device, generator: torch.Generator | None = None) -> TrainDraws:
+        """Kept last-scale positions (a random order, a truncnorm mask rate), the text drop and drop path."""
+        cfg = self.config
+        n = self.patch_nums[-1] ** 2
+        orders = torch.rand(B, n, generator=generator, device=device).argsort(dim=1)
+        rate = truncnorm_sample(cfg.mask_ratio_min, 1.0, 1.0, 0.25, generator, device)
+        num_masked = min(math.ceil(n * rate), n - cfg.last_scale_min_keep)
+        num_masked = len(range(n)[:num_masked])  # the released slice `orders[:, :num_masked]`, negatives included
+        keep = torch.ones(B, n, dtype=torch.bool, device=device)
+        keep.scatter_(1, orders[:, :num_masked], False)
+        keep_idx = keep.nonzero()[:, 1].view(B, n - num_masked)
+        if cfg.cond_drop_randn:
+            drop = torch.randn(B, generator=generator, device=device) < cfg.cond_drop_rate
+        else:
+            drop = torch.rand(B, generator=generator, device=device) < cfg.cond_drop_rate
+        dp = None
+        if self.training and cfg.drop_path_rate > 0:
+            dp = torch.ones(cfg.depth, 2, B, device=device)
+            for i, b in enumerate(self.blocks):
+                p = b.drop_path_rate
+                if p > 0:
+                    dp[i] = torch.rand(2, B, generator=generator, device=device).lt(1 - p).float() / (1 - p)
+        return TrainDraws(keep_idx, drop, dp)
+
+    def forward(
+        self,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        x_BLCv_wo_first_l: torch.Tensor,
+        gt_idx: torch.Tensor | Sequence[torch.Tensor],
+        f_rest_last: torch.Tensor,
+        codebook: torch.Tensor,
+        *,
+        context_position_ids: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        draws: TrainDraws | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Training forward. `context` (B, T, Dt), `context_mask` (B, T), `x_BLCv_wo_first_l` (B, L-1, Cv),
+        `gt_idx` (B, L) or per-scale [(B, pn^2)], `f_rest_last` (B, pn_last^2, Cv) = the residual before the
+        last discrete stage, `codebook` (V, Cv). Returns `loss` (= ce + diff_weight * diff_loss), `ce` (mean
+        over kept tokens), `acc`, `ce_per_scale` / `acc_per_scale` (S,), `diff_loss` (= diff_mse + diff_vb),
+        `diff_mse`, `diff_vb` and `num_kept_last`."""
+        cfg = self.config
+        B, device = context.shape[0], context.device
+        gt_BL = torch.cat(list(gt_idx), dim=1) if not torch.is_tensor(gt_idx) else gt_idx
+        if draws is None:
+            draws = self.draw_training_randomness(B, device, generator)
+        keep_idx, n_last = draws.keep_last_idx, self.patch_nums[-1] ** 2
+        k = keep_idx.shape[1]
+        context = context * (~draws.drop_text).to(context.dtype)[:, None, None]
+
+        logits, h, _ = self.forward_logits(context, context_mask, x_BLCv_wo_first_l, context_position_ids, keep_idx, draws.drop_path_keep)
+        gt = torch.cat((gt_BL[:, :-n_last], torch.gather(gt_BL[:, -n_last:], 1, keep_idx)), dim=1)
+        ce_tok = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), gt.reshape(-1), reduction="none").view(B, -1)
+        correct = (logits.argmax(-1) == gt).float()
+        seg = [p * p for p in self.patch_nums[:-1]] + [k]
+        ce_per_scale = torch.stack([c.mean() for c in ce_tok.split(seg, dim=1)])
+        acc_per_scale = torch.stack([c.mean() for c in correct.split(seg, dim=1)])
+
+        # residual diffusion on the kept last-scale tokens, relative to the model's own sampled token
+        codebook = codebook.detach()
+        gt_last = gt[:, -k:]
+        idx = draws.sampled_idx
+        if idx is None:
+            last_logits = logits[:, -k:].detach()
+            if torch.isfinite(last_logits).all():
+                idx = sample_top_k_top_p(last_logits, cfg.train_top_k, cfg.train_top_p, generator)
+            else:  # the released code falls back to the ground truth when sampling fails
+                idx = gt_last
+        e = F.embedding(idx, codebook)
+        z = self.decoder_norm(h[:, -k:] + self.word_embed(e))
+        target = torch.gather(f_rest_last, 1, keep_idx[..., None].expand(-1, -1, cfg.Cvae)) - e
+        mul = cfg.diffusion_batch_mul
+        diff = self.diffloss(
+            target.reshape(B * k, -1).repeat(mul, 1), z.reshape(B * k, -1).repeat(mul, 1),
+            t=draws.diff_t, noise=draws.diff_noise, generator=generator,
+        )
+        ce = ce_tok.mean()
+        return {
+            "loss": ce + cfg.diff_weight * diff["loss"],
+            "ce": ce,
+            "acc": correct.mean(),
+            "ce_per_scale": ce_per_scale.detach(),
+            "acc_per_scale": acc_per_scale.detach(),
+            "diff_loss": diff["loss"],
+            "diff_mse": diff["mse"].detach(),
+            "diff_vb": diff["vb"].detach(),
+            "num_kept_last": torch.tensor(k),
+        }
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def forward_scale(self, si: int, x_BlC: torch.Tensor, text: TextCond, cache: KVCache) -> torch.Tensor:
+        """One scale with the KV cache: si == 0 feeds the T text tokens, si > 0 the pn^2 inputs of scale si
+        (already embedded, see `embed_scale_input`). Returns the final hidden states (B, l, C)."""
+        hd = self.config.embed_dim // self.config.num_heads
+        if si == 0:
+            cos, sin = rope_1d(text.position_ids_BT, hd)
+        else:
+            cos, sin = rope_2d(image_positions(self.patch_nums, [si], text.position_ids_BT[:, -1]), hd)
+        return self._run_blocks(x_BlC, text.pooled_BC, cos, sin, cache=cache)
+
+    def embed_scale_input(self, si: int, x_BlCv: torch.Tensor, lvl_SC: torch.Tensor | None = None) -> torch.Tensor:
+        lvl_SC = self.level_embeddings() if lvl_SC is None else lvl_SC
+        if si == 0:
+            return x_BlCv + lvl_SC[0]  # x is the text condition (B, T, C)
+        return self.word_embed(x_BlCv) + lvl_SC[si]
+
+    @torch.no_grad()
+    def autoregressive_infer_cfg(
+        self,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        codebook: torch.Tensor,
+        next_input_fn: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        fhat_to_img: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        context_position_ids: torch.Tensor | None = None,
+        cfg: float = 4.5,
+        top_k: int = 600,
+        top_k_late: int = 300,
+        top_k_late_from: int = 7,
+        top_p: float = 0.0,
+        more_smooth: bool = False,
+        generator: torch.Generator | None = None,
+        diffusion_temperature: float = 1.0,
+        use_diffusion: bool = True,
+    ) -> torch.Tensor:
+        """HART sampling (T2I:301-532) with CFG ramp t = cfg*si/(S-1) and logits (1+t)cond - t*uncond.
+
+        `next_input_fn(si, f_hat, h_BChw) -> (f_hat, next_x_BChw)` (the tokenizer's bicubic-up, Phi,
+        accumulate, area-down) and `fhat_to_img(f_hat) -> image in [-1, 1]` come from the tokenizer. Returns
+        the image in [0, 1] if `fhat_to_img` is given, else f_hat (B, Cv, pn_last, pn_last). top-k is
+        `top_k` for si < `top_k_late_from` and `top_k_late` after, clamped to V; 0 disables.
+
+        Differences from the released function, all deliberate: one `generator` drives every draw (the
+        released diffusion noise comes from the global RNG); the diffusion always runs guided with scale t
+        (released: unguided in the corner case t == 1.0); `top_k` is honoured (released: ignored); the last
+        scale is one pass (released `num_maskgit_iters=1`, the only value it uses).
+        """
+        c, S, V = self.config, self.num_scales, self.config.vocab_size
+        B = context.shape[0]
+        pos = positions_from_mask(context_mask) if context_position_ids is None else context_position_ids
+        mask_u = torch.zeros_like(context_mask)
+        mask_u[:, 0] = 1  # the released uncond branch: zero text, mask [1, 0, ...], positions 0
+        text = self.prepare_text(
+            torch.cat((context, torch.zeros_like(context))), torch.cat((context_mask, mask_u)), torch.cat((pos, torch.zeros_like(pos)))
+        )
+        lvl = self.level_embeddings()
+        cache = KVCache(c.depth)
+        f_hat = context.new_zeros(B, c.Cvae, self.patch_nums[-1], self.patch_nums[-1])
+        x = self.embed_scale_input(0, text.cond_BTC, lvl)
+        ratio = 0.0
+        for si, pn in enumerate(self.patch_nums):
+            last = si == S - 1
+            if not (last and c.cfg_last_reuses_ratio):
+                ratio = si / (S - 1)
+            t = cfg * ratio
+            h = self.forward_scale(si, x, text, cache)
+            if si == 0:
+                h = h[:, -1:]
+            logits = self.get_logits(h, text.cond_BTC)
+            logits = (1 + t) * logits[:B] - t * logits[B:]
+            # the released sampler filters the logits in place, so the gumbel smoothing sees the filtered ones
+            logits = filter_top_k_top_p(logits, top_k if si < top_k_late_from else top_k_late, top_p)
+            idx = sample_top_k_top_p(logits, 0, 0.0, generator)
+            if more_smooth:
+                tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+                emb = gumbel_softmax(logits.mul(1 + ratio), tau, generator) @ codebook.unsqueeze(0)
+            else:
+                emb = F.embedding(idx, codebook)
+            if not last:
+                f_hat, nxt = next_input_fn(si, f_hat, emb.transpose(1, 2).reshape(B, c.Cvae, pn, pn))
+                x = self.embed_scale_input(si + 1, nxt.reshape(B, c.Cvae, -1).transpose(1, 2), lvl).repeat(2, 1, 1)
+                continue
+            if use_diffusion:  # the residual, relative to the sampled token, no Phi on the last scale
+                z = self.decoder_norm(h + self.word_embed(F.embedding(idx, codebook)).repeat(2, 1, 1))
+                n = z.shape[1]
+                res = self.diffloss.sample(z.reshape(2 * B * n, -1), diffusion_temperature, cfg=t, generator=generator)
+                emb = emb + res[: B * n].view(B, n, c.Cvae)
+            f_hat = f_hat + emb.transpose(1, 2).reshape(B, c.Cvae, pn, pn)
+        return f_hat if fhat_to_img is None else fhat_to_img(f_hat).add(1).mul(0.5)
+
+
+# ---------------------------------------------------------------------- state dicts
+def load_official_state_dict(model: HARTForT2I, state_dict: dict[str, torch.Tensor], strict: bool = True):
+    """Load a released `HARTForT2I` state dict (e.g. `ema_model.bin`). The regenerable buffers `lvl_1L` and
+    `attn_bias_for_masking` are checked against this config's sequence layout, then dropped."""
+    sd = dict(state_dict)
+    T, L = model.config.context_token, model.L
+    if "lvl_1L" in sd:
+        want = _official_buffers(model, with_mask=False)["lvl_1L"]
+        if tuple(sd["lvl_1L"].shape) != tuple(want.shape) or not torch.equal(sd["lvl_1L"].cpu().long(), want):
+            raise ValueError(f"lvl_1L in the checkpoint does not match patch_nums={model.patch_nums}, context_token={T}")
+    if "attn_bias_for_masking" in sd and tuple(sd["attn_bias_for_masking"].shape) != (1, 1, T + L - 1, T + L - 1):
+        raise ValueError(f"attn_bias_for_masking has shape {tuple(sd['attn_bias_for_masking'].shape)}, expected length {T + L - 1}")
+    for name in REGENERABLE_BUFFERS:
+        sd.pop(name, None)
+    return model.load_state_dict(sd, strict=strict)
+
+
+def _official_buffers(model: HARTForT2I, with_mask: bool = True) -> dict[str, torch.Tensor]:
+    T = model.config.context_token
+    lvl = torch.cat([torch.zeros(T, dtype=torch.long)] + [torch.full((p * p,), i + 1) for i, p in enumerate(model.patch_nums[1:])])
+    out = {"lvl_1L": lvl.view(1, -1)}
+    if with_mask:
+        out["attn_bias_for_masking"] = torch.where(lvl[:, None] >= lvl[None, :], 0.0, -torch.inf).view(1, 1, lvl.numel(), lvl.numel())
+    return out
+
+
+def official_state_dict(model: HARTForT2I, include_buffers: bool = True) -> dict[str, torch.Tensor]:
+    """This model's weights in the released layout; with `include_buffers` the released code loads it
+    strictly (the dense mask is (T+L-1)^2 fp32: ~380 MB at 1024px), without it load with strict=False."""
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if include_buffers:
+        sd.update(_official_buffers(model))
+    return sd
+
+
+# ---------------------------------------------------------------------- sampling helpers
+def truncnorm_sample(lo: float, hi: float, loc: float, scale: float, generator=None, device=None) -> float:
+    """One draw of N(loc, scale) truncated to [lo, hi], by inverting the CDF (no scipy)."""
+    a = torch.tensor((lo - loc) / scale, dtype=torch.float64)
+    b = torch.tensor((hi - loc) / scale, dtype=torch.float64)
+    u = torch.rand((), generator=generator, device=device, dtype=torch.float64).cpu()
+    ca, cb = torch.special.ndtr(a), torch.special.ndtr(b)
+    x = torch.special.ndtri(ca + u * (cb - ca)).clamp(a, b)
+    return float(loc + scale * x)
+
+
+def filter_top_k_top_p(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """A copy of the logits with everything outside top-k (clamped to V, 0 = off) and then outside the
+    nucleus top-p (0 = off) set to -inf, as VAR's sampler does."""
+    V = logits_BlV.shape[-1]
+    logits = logits_BlV.clone()
+    k = min(top_k, V)
+    if 0 < k < V:
+        kth = logits.topk(k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < kth, -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), -torch.inf)
+    return logits
+
+
+def sample_top_k_top_p(logits_BlV: torch.Tensor, top_k: int, top_p: float, generator=None) -> torch.Tensor:
+    """(B, l) indices drawn from the filtered distribution with `generator`."""
+    B, l, V = logits_BlV.shape
+    probs = filter_top_k_top_p(logits_BlV, top_k, top_p).softmax(dim=-1).view(-1, V)
+    return torch.multinomial(probs, 1, replacement=True, generator=generator).view(B, l)
+
+
+def gumbel_softmax(logits: torch.Tensor, tau: float, generator=None) -> torch.Tensor:
+    g = -torch.empty_like(logits).exponential_(generator=generator).log()
+    return ((logits + g) / tau).softmax(dim=-1)
