@@ -97,12 +97,58 @@ def _run_stats(args) -> int:
     return 0
 
 
+def _add_encode(sub) -> None:
+    p = sub.add_parser("encode", help="pre-tokenize a dataset: token indices, last-scale residuals, text embeddings")
+    p.add_argument("source", help="image dataset directory or URL (written by `hart-data shard`)")
+    p.add_argument("out", help="output directory or URL for the token shards")
+    p.add_argument("--tokenizer-ckpt", required=True,
+                   help="hart-train checkpoint dir (model.safetensors + config.yaml)")
+    p.add_argument("--text-encoder", required=True, metavar="KIND[:PATH]",
+                   help="minilm (packaged) | qwen2:DIR | t5:DIR | auto:DIR (local directories only)")
+    p.add_argument("--max-length", type=int, default=300, help="text tokens per caption (HART: 300)")
+    p.add_argument("--system-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepend HART's LLM system prompt (default: on for Qwen, off otherwise)")
+    p.add_argument("--text-dtype", default="fp32", help="fp32 | bf16 | fp16: what the text encoder runs in")
+    p.add_argument("--store-dtype", default="float16", help="float16 | float32: the stored residual and text context")
+    p.add_argument("--resolution", type=int, default=None, help="must equal the tokenizer's image size (default: it)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    p.add_argument("--resume", action="store_true", help="complete an interrupted job in OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in OUT")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_encode)
+
+
+def _run_encode(args) -> int:
+    # imported here, not at the top: it pulls in torch and the tokenizer, which shard/verify/stats never need
+    from data_tools import encode
+
+    text_cfg = encode.text_encoder_config(args.text_encoder, args.max_length, args.system_prompt, args.text_dtype)
+    manifest = encode.encode_dataset(
+        args.source,
+        args.out,
+        tokenizer_ckpt=args.tokenizer_ckpt,
+        text_encoder=text_cfg,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        device=args.device,
+        store_dtype=args.store_dtype,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(f"{args.out}: {manifest.num_samples} token samples in {len(manifest.shards)} shards; "
+          f"skipped: {manifest.stats['num_skipped']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hart-data", description="hart-train dataset tools")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_shard(sub)
     _add_verify(sub)
     _add_stats(sub)
+    _add_encode(sub)
     return parser
 
 

@@ -164,9 +164,9 @@ def resize(img: Image.Image, resolution: int | None, mode: str) -> Image.Image:
             return img
         return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP)
     assert mode == "center-crop", mode
-    crop_w, crop_h = resolution / scale, resolution / scale  # the NxN window in source pixels
-    left, top = (w - crop_w) / 2, (h - crop_h) / 2
-    box = (left, top, left + crop_w, top + crop_h)
+    crop = min(w, h)  # the NxN window in source pixels (exact: resolution / scale can round past the edge)
+    left, top = (w - crop) / 2, (h - crop) / 2
+    box = (left, top, left + crop, top + crop)
     return img.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box, reducing_gap=_REDUCING_GAP)
 
 

@@ -46,3 +46,26 @@ def s3_bucket(s3_server):
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     fs.mkdir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def emoji_dataset(tmp_path_factory):
+    """A local emoji dataset (512 real image-caption pairs at 32px), built once per test session."""
+    from data_tools.shard import shard_dataset
+
+    out = tmp_path_factory.mktemp("emoji") / "shards"
+    shard_dataset("emoji", str(out), resolution=32, fmt="png", samples_per_shard=128, workers=1,
+                  limit=512, progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_reference(emoji_dataset, tmp_path_factory):
+    """An uninterrupted 2-rank tokenizer-vq run (see runs.tokenizer_overrides): the reference that
+    resumed, relaunched and fault-injected runs must reproduce."""
+    from procs import check, run_train
+    from runs import TOKENIZER_CONFIG, tokenizer_overrides
+
+    out = tmp_path_factory.mktemp("reference")
+    check(run_train(TOKENIZER_CONFIG, tokenizer_overrides(emoji_dataset, out, "ref"), nproc=2))
+    return out / "ref"

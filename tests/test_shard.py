@@ -396,3 +396,13 @@ def test_hard_crash_mid_shard_leaves_no_partial_dataset(tmp_path, request, where
     assert cli.main(["shard", args[0], f"{base}/clean", *args[1:]]) == 0
     assert verify.load_manifest(f"{base}/crashed").shards == verify.load_manifest(f"{base}/clean").shards
     assert verify.verify_dataset(f"{base}/crashed", progress=False)["ok"]
+
+
+def test_center_crop_never_rounds_past_the_image_edge():
+    """392x480 made the old crop box start at -3e-14 ("box offset can't be negative")."""
+    from PIL import Image
+
+    from data_tools.images import resize
+
+    for w, h in [(392, 480), (480, 392), (257, 1000), (999, 256)]:
+        assert resize(Image.new("RGB", (w, h)), 256, "center-crop").size == (256, 256)

@@ -1,0 +1,231 @@
+"""Data throughput: the streaming reader (local disk and moto S3) against the decode bound, and the
+shard writer. Prints one JSON object.
+
+    python bench/data_throughput.py [--samples 2000] [--resolution 256] [--workers 2] [--runs 3]
+
+- source: synthetic JPEGs (noise + gradients + blocks, varied sizes) with captions in a folder;
+- `shard`: `data_tools.shard.shard_dataset("folder:...")` into 256px JPEG shards, images/s; if that
+  module is missing or fails, `shard_error` says why and `write_shards` here builds the dataset;
+- `reader_local` / `reader_s3`: samples/s of one full epoch through `StreamingReader` with `--workers`
+  DataLoader workers (worker start-up included), from the local shards and from a moto S3 server
+  started here on 127.0.0.1;
+- `decode_bound`: the same samples' bytes decoded and resized by `reader.decode_image` in a tight
+  loop by a `multiprocessing.Pool` of `--workers` processes (pool start-up included).
+Each figure is the median of `--runs` interleaved runs. `cpu_ms_per_sample` (main process and
+workers; the moto server is a thread of the main process) is reported too: unlike samples/s it is
+robust to other load on a shared machine. Targets: reader >= 0.85 of the bound, S3 >= 0.90 of local.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+from data_tools import plan, schema
+from data_tools.reader import ReaderConfig, StreamingReader, decode_image
+
+try:
+    from data_tools.shard import shard_dataset
+except ImportError:  # the shard writer is developed separately; the reader bench does not need it
+    shard_dataset = None
+
+_POOL_SAMPLES: list[bytes] = []  # inherited by forked pool workers
+
+
+def make_source(folder: str, count: int, seed: int = 0) -> None:
+    """`count` varied synthetic JPEGs (288..480 px sides) with captions, as a folder: source."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(count):
+        w, h = (int(v) for v in rng.integers(288, 481, 2))
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        base = np.stack([xx / w, yy / h, (xx + yy) / (w + h)], axis=-1) * rng.uniform(60, 200, 3)
+        img = base + rng.normal(0, rng.uniform(5, 40), (h, w, 3))
+        for _ in range(4):  # a few flat blocks so the images are not pure noise
+            x0, y0 = int(rng.integers(0, w - 32)), int(rng.integers(0, h - 32))
+            img[y0 : y0 + int(rng.integers(16, 96)), x0 : x0 + int(rng.integers(16, 96))] = rng.uniform(0, 255, 3)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:06d}.jpg"), quality=90)
+        with open(os.path.join(folder, f"{i:06d}.txt"), "w") as f:
+            f.write(f"synthetic image number {i}")
+
+
+def time_shard(source: str, out: str, resolution: int, workers: int, count: int) -> float:
+    start = time.perf_counter()
+    shard_dataset(f"folder:{source}", out, resolution=resolution, samples_per_shard=250, workers=workers,
+                  progress=False, overwrite=os.path.exists(out))
+    return count / (time.perf_counter() - start)
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU seconds of (this process, its finished children: pool or DataLoader workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def _cpu_ms_per_sample(before: tuple[float, float], count: int) -> dict:
+    after = _cpu_seconds()
+    return {"main": round(1000 * (after[0] - before[0]) / count, 3),
+            "workers": round(1000 * (after[1] - before[1]) / count, 3)}
+
+
+def time_reader(url: str, resolution: int, workers: int, batch: int) -> tuple[float, dict]:
+    """(samples/s, CPU ms/sample) of one epoch."""
+    cfg = ReaderConfig(urls=[url], resolution=resolution, batch_size=batch, num_workers=workers, seed=0)
+    reader = StreamingReader(cfg)
+    steps = plan.num_steps(reader.num_samples, 1, batch)
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    batches = iter(reader)
+    count = sum(len(b["key"]) for b in itertools.islice(batches, steps))
+    elapsed = time.perf_counter() - start
+    batches.close()  # shuts the epoch's workers down, so their CPU time is counted
+    assert count == reader.num_samples, (count, reader.num_samples)
+    return count / elapsed, _cpu_ms_per_sample(cpu, count)
+
+
+def _decode_range(args: tuple[int, int, int]) -> int:
+    lo, hi, resolution = args
+    for data in _POOL_SAMPLES[lo:hi]:
+        decode_image(data, resolution)
+    return hi - lo
+
+
+def time_decode_bound(dataset: str, resolution: int, workers: int) -> tuple[float, dict]:
+    global _POOL_SAMPLES
+    _POOL_SAMPLES = [data for path in sorted(os.listdir(dataset)) if path.endswith(".tar")
+                     for data in _image_bytes(os.path.join(dataset, path))]
+    n = len(_POOL_SAMPLES)
+    chunks = [(lo, min(lo + 64, n), resolution) for lo in range(0, n, 64)]
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    pool = mp.get_context("fork").Pool(workers)
+    done = sum(pool.imap_unordered(_decode_range, chunks))
+    elapsed = time.perf_counter() - start
+    pool.close()
+    pool.join()
+    return done / elapsed, _cpu_ms_per_sample(cpu, done)
+
+
+def _image_bytes(path: str) -> list[bytes]:
+    with tarfile.open(path) as tf:
+        return [tf.extractfile(m).read() for m in tf if schema.split_key(m.name)[1] in schema.IMAGE_EXTS]
+
+
+def write_shards(source: str, out: str, resolution: int, samples_per_shard: int = 250) -> None:
+    """Fallback writer (schema-conforming tars + manifest) for when `data_tools.shard` is unusable."""
+    import hashlib
+    import io
+
+    names = sorted(n for n in os.listdir(source) if n.endswith(".jpg"))
+    os.makedirs(out, exist_ok=True)
+    infos = []
+    for index in range(0, -(-len(names) // samples_per_shard)):
+        path = os.path.join(out, schema.shard_name(index))
+        with tarfile.open(path, "w") as tf:
+            for i, name in enumerate(names[index * samples_per_shard : (index + 1) * samples_per_shard]):
+                with open(os.path.join(source, name), "rb") as f:
+                    pixels = decode_image(f.read(), resolution)
+                jpg = io.BytesIO()
+                Image.fromarray(pixels).save(jpg, format="JPEG", quality=95)
+                caption = open(os.path.join(source, name[:-4] + ".txt"), "rb").read()
+                key = schema.sample_key(index, i)
+                for ext, data in (("jpg", jpg.getvalue()), ("txt", caption), ("json", b"{}")):
+                    member = tarfile.TarInfo(f"{key}.{ext}")
+                    member.size = len(data)
+                    tf.addfile(member, io.BytesIO(data))
+        data = open(path, "rb").read()
+        count = len(names[index * samples_per_shard : (index + 1) * samples_per_shard])
+        infos.append(schema.ShardInfo(schema.shard_name(index), count, len(data), hashlib.sha256(data).hexdigest()))
+    with open(os.path.join(out, schema.MANIFEST_NAME), "w") as f:
+        f.write(schema.Manifest(schema.SCHEMA_VERSION, infos).to_json())
+
+
+def build_dataset(tmp: str, samples: int, resolution: int, workers: int, runs: int) -> tuple[str, dict]:
+    """The bench dataset, sharded by `data_tools.shard` when it works (timed), else by `write_shards`."""
+    source, out = os.path.join(tmp, "source"), os.path.join(tmp, "shards")
+    make_source(source, samples)
+    if shard_dataset is None:
+        write_shards(source, out, resolution)
+        return out, {"shard_images_per_s": None, "shard_error": "data_tools.shard not importable"}
+    try:
+        rates = [time_shard(source, out, resolution, workers, samples) for _ in range(runs)]
+    except Exception as e:  # noqa: BLE001 - another module's failure is reported, not fatal to the bench
+        fallback = os.path.join(tmp, "shards-fallback")
+        write_shards(source, fallback, resolution)
+        return fallback, {"shard_images_per_s": None, "shard_error": f"{type(e).__name__}: {e}"}
+    return out, {"shard_images_per_s": round(statistics.median(rates), 1)}
+
+
+def upload_to_moto(local: str) -> tuple[object, str]:
+    from moto.server import ThreadedMotoServer
+
+    import fsspec
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}")
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir("bench")
+    for name in sorted(os.listdir(local)):
+        if not name.startswith("."):
+            fs.put_file(os.path.join(local, name), f"bench/shards/{name}")
+    return server, "s3://bench/shards"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset, shard_result = build_dataset(tmp, args.samples, args.resolution, args.workers, args.runs)
+        server, s3_url = upload_to_moto(dataset)
+        runs: dict[str, list[tuple[float, dict]]] = {"bound": [], "local": [], "s3": []}
+        try:
+            for _ in range(args.runs):  # interleaved, so drifting machine load hits all three alike
+                runs["bound"].append(time_decode_bound(dataset, args.resolution, args.workers))
+                runs["local"].append(time_reader(dataset, args.resolution, args.workers, args.batch))
+                runs["s3"].append(time_reader(s3_url, args.resolution, args.workers, args.batch))
+        finally:
+            server.stop()
+    rate = {k: statistics.median(r for r, _ in v) for k, v in runs.items()}
+    cpu = {k: {part: statistics.median(c[part] for _, c in v) for part in ("main", "workers")}
+           for k, v in runs.items()}
+    bound, local, remote = rate["bound"], rate["local"], rate["s3"]
+    result = {
+        "samples": args.samples, "resolution": args.resolution, "workers": args.workers, "batch": args.batch,
+        "runs": args.runs, "cpus": os.cpu_count(),
+        **shard_result,
+        "decode_bound_samples_per_s": round(bound, 1),
+        "reader_local_samples_per_s": round(local, 1),
+        "reader_s3_samples_per_s": round(remote, 1),
+        "reader_over_decode_bound": round(local / bound, 3),
+        "s3_over_local": round(remote / local, 3),
+        # robust to other load on a shared machine; "main" of s3 includes the moto server thread
+        "cpu_ms_per_sample": cpu,
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "targets": {"reader_over_decode_bound": 0.85, "s3_over_local": 0.90},
+    }  # fmt: skip
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

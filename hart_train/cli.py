@@ -1,0 +1,84 @@
+"""`hart-train`: run a stage from a YAML config (bare, under torchrun, or under the deepspeed launcher),
+and move weights between hart-train checkpoints and the official HART layout.
+
+    hart-train run --config configs/tokenizer_vq_tiny.yaml --set run.max_steps=20 --set optim.lr=3e-4
+    hart-train import --hart hart-0.7b-1024px/ --out imported/        # official -> run.init_from dirs
+    hart-train export --ckpt runs/x/ckpt/step_00001000 --out mine/    # -> official llm/ + tokenizer/
+
+The same command resumes: re-running it continues from the newest complete checkpoint of the run.
+User errors (a bad config key or value, a missing path) print one line and exit 2 before any model or
+process group is created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from hart_train import config as C
+from hart_train.official_io import export_checkpoint, import_official
+from hart_train.run_config import RunConfig
+from hart_train.stages import make_stage, validate_paths
+from hart_train.trainer import PreflightError, check_writable, train, run_dir_of
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hart-train", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train (or resume) a stage from a YAML config")
+    run.add_argument("--config", required=True, help="YAML run file (see configs/)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override an existing config field, e.g. optim.lr=1e-4 (repeatable)")
+    # the deepspeed launcher appends --local_rank=N; the env var LOCAL_RANK carries the same
+    run.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    imp = sub.add_parser("import", help="official HART directory (llm/, tokenizer/) -> hart-train checkpoint directories")
+    imp.add_argument("--hart", required=True, help="official HART directory holding llm/ and tokenizer/")
+    imp.add_argument("--out", required=True, help="new or empty output directory: <out>/llm (run.init_from), <out>/tokenizer")
+    imp.add_argument("--text-encoder", dest="text_encoder_path", default=None,
+                     help="local Qwen2 text-encoder directory to record in <out>/llm/config.yaml")
+    exp = sub.add_parser("export", help="hart-train t2i checkpoint -> official HART layout (safetensors)")
+    exp.add_argument("--ckpt", required=True, help="a t2i checkpoint directory, e.g. runs/x/ckpt/step_00100000")
+    exp.add_argument("--out", required=True, help="new or empty output directory: <out>/llm, <out>/tokenizer")
+    exp.add_argument("--raw", dest="use_ema", action="store_false",
+                     help="put the raw weights in ema_model.bin instead of the EMA")
+    return p
+
+
+def load_run_config(path: str, overrides: list[str]) -> RunConfig:
+    cfg = C.load(RunConfig, path, overrides)
+    validate_paths(cfg)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        try:
+            cfg = load_run_config(args.config, args.overrides)
+            check_writable(run_dir_of(cfg))
+        except (ValueError, FileNotFoundError, PreflightError) as e:
+            print(f"hart-train: error: {e}", file=sys.stderr)
+            return 2
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.run.device == "cuda" else "cpu")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        try:
+            train(cfg, make_stage(cfg))
+        except PreflightError as e:
+            print(f"hart-train: error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        if args.command == "import":
+            out = import_official(args.hart, args.out, text_encoder_path=args.text_encoder_path)
+        else:
+            out = export_checkpoint(args.ckpt, args.out, use_ema=args.use_ema)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"hart-train: error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

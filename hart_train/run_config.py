@@ -1,0 +1,162 @@
+"""The schema of a run: every section a YAML run file under `configs/` may set.
+
+Stage-specific model sections live beside the model they configure (`tokenizer.TokenizerConfig`,
+`hart_train.models.HARTConfig`); this file only assembles them. Device, dtype and ZeRO stage are
+configuration: the same code runs CPU+gloo and GPU+nccl.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from data_tools.reader import ReaderConfig
+from data_tools.text_encoder import TextEncoderConfig
+from hart_train.models import HARTConfig
+from tokenizer.autoencoder import TokenizerConfig
+from tokenizer.losses import TokenizerLossConfig
+
+StageName = Literal["tokenizer-vq", "tokenizer-hybrid", "t2i"]
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    out_dir: str = "runs"            # the run lives in <out_dir>/<name>
+    seed: int = 0
+    max_steps: int = 1000            # optimizer steps
+    log_every: int = 10
+    save_every: int = 500            # also saved on SIGTERM/SIGUSR1 and at the end
+    keep_last: int = 3
+    eval_every: int = 0              # 0: only at the end
+    image_every: int = 0             # 0: only at the end
+    collective_timeout_s: float = 600.0
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum: int = 1
+    grad_clip: float = 2.0           # VAR's tclip
+    activation_checkpointing: bool = False
+    num_threads: int = 0             # torch intra-op threads per rank; 0 keeps the launcher's setting
+    init_from: Optional[str] = None  # a previous stage's checkpoint dir (or an imported official one)
+
+    def __post_init__(self):
+        for k in ("max_steps", "log_every", "keep_last", "grad_accum"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("save_every", "eval_every", "image_every", "num_threads"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
+        if "/" in self.name or self.name in ("", ".", ".."):
+            raise ValueError(f"name must be a plain directory name, got {self.name!r}")
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("warmup_steps and weight_decay must be >= 0, min_lr_ratio in [0, 1]")
+
+
+@dataclass
+class ZeroSection:
+    stage: int = 3
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    reduce_bucket_size: int = 5_000_000
+    allgather_bucket_size: int = 5_000_000
+    param_persistence_threshold: int = 0   # 0: every parameter is sharded under ZeRO-3
+
+    def __post_init__(self):
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"stage must be 0, 1, 2 or 3, got {self.stage}")
+
+
+@dataclass
+class EmaSection:
+    enabled: bool = True
+    decay: float = 0.9999
+
+    def __post_init__(self):
+        if not 0 < self.decay < 1:
+            raise ValueError(f"decay must be in (0, 1), got {self.decay}")
+
+
+@dataclass
+class WandbSection:
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "hart-train"
+
+
+@dataclass
+class TokenizerStageConfig:
+    """The `tokenizer-vq` and `tokenizer-hybrid` stages.
+
+    tokenizer-vq trains everything on the discrete-only path (the decoder always sees f_hat, as VAR's
+    VQVAE). tokenizer-hybrid freezes encoder, quant_conv and the quantizer (HART AE:113-122) and trains the
+    decoder on the discrete-only f_hat with probability `model.skip_continuous_prob`, else on the
+    continuous latent (paper: 50/50). Its `run.init_from` is the tokenizer-vq checkpoint.
+    """
+
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
+    eval_url: Optional[str] = None   # held-out dataset for PSNR/SSIM; None: no held-out evaluation
+    eval_samples: int = 64
+    num_image_samples: int = 8       # images in the logged reconstruction grid
+
+    def __post_init__(self):
+        if self.eval_samples < 1 or self.num_image_samples < 1:
+            raise ValueError("eval_samples and num_image_samples must be >= 1")
+
+
+def _default_prompts() -> list[str]:
+    return ["red apple", "smiling face with sunglasses", "rocket", "grinning cat", "blue heart", "palm tree"]
+
+
+@dataclass
+class T2IStageConfig:
+    """The text-to-image stages: `HARTForT2I` trained with ZeRO-3, tokenizer and text encoder frozen.
+
+    `model` is HART's config; its quirks (randn text drop, 0.25/sqrt(d) attention scale, the reused
+    last-stage CFG ratio) default to the released behaviour, see `hart_train.models.HARTConfig`.
+    """
+
+    model: HARTConfig = field(default_factory=HARTConfig)
+    tokenizer_ckpt: str = ""                 # a tokenizer-hybrid (or -vq) checkpoint directory
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    head_only: bool = False                  # train only the diffusion head (diffloss.*)
+    sample_prompts: list[str] = field(default_factory=_default_prompts)
+    sample_cfg: float = 4.5
+    sample_top_k: int = 600
+    sample_seed: int = 0
+
+    def __post_init__(self):
+        if self.model.context_token != self.text_encoder.max_length:
+            raise ValueError(f"model.context_token ({self.model.context_token}) must equal "
+                             f"text_encoder.max_length ({self.text_encoder.max_length})")
+
+
+@dataclass
+class RunConfig:
+    stage: StageName = "tokenizer-vq"
+    run: RunSection = field(default_factory=RunSection)
+    data: ReaderConfig = field(default_factory=ReaderConfig)
+    optim: OptimSection = field(default_factory=OptimSection)
+    zero: ZeroSection = field(default_factory=ZeroSection)
+    ema: EmaSection = field(default_factory=EmaSection)
+    wandb: WandbSection = field(default_factory=WandbSection)
+    tokenizer: TokenizerStageConfig = field(default_factory=TokenizerStageConfig)
+    t2i: T2IStageConfig = field(default_factory=T2IStageConfig)

@@ -1,0 +1,71 @@
+"""Sampling: the Python API behind `hart-sample` and the sample grids logged during training.
+
+`load_pipeline(ckpt_dir)` rebuilds everything from a t2i checkpoint directory alone (its config.yaml,
+model.safetensors and, by default, the EMA weights HART infers with), with the tokenizer and text
+encoder from the local paths the config names. `sample_images` runs HART's sampler: CFG with the
+linear ramp t = cfg*si/(S-1) and "(1+t)cond - t*uncond", top-k / top-p per scale, optional
+`more_smooth`, the KV cache, and the 8-step residual diffusion on the last scale.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from data_tools.encode import load_tokenizer
+from data_tools.text_encoder import TextEncoder, TextEncoderConfig
+from hart_train.models import HARTConfig, HARTForT2I
+from hart_train.models.hart_t2i import load_official_state_dict
+from tokenizer.autoencoder import HARTAutoEncoder
+
+
+@dataclass
+class Pipeline:
+    model: HARTForT2I
+    tokenizer: HARTAutoEncoder
+    text_encoder: TextEncoder
+
+
+@torch.no_grad()
+def sample_images(model: HARTForT2I, tokenizer: HARTAutoEncoder, text_encoder: TextEncoder, prompts: list[str], *,
+                  seed: int = 0, cfg_scale: float = 4.5, top_k: int = 600, top_p: float = 0.0,
+                  more_smooth: bool = False, device=None) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] for `prompts`; the same seed gives the same images."""
+    device = torch.device(device or "cpu")
+    context, mask, pos = text_encoder.encode(prompts, device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    num_scales = len(model.patch_nums)
+
+    def next_input(si, f_hat, h_BChw):
+        return tokenizer.get_next_autoregressive_input(si, num_scales, f_hat, h_BChw)
+
+    return model.autoregressive_infer_cfg(
+        context.float(), mask, tokenizer.quantize.embedding.weight, next_input, tokenizer.fhat_to_img,
+        context_position_ids=pos, cfg=cfg_scale, top_k=top_k, top_k_late=min(top_k, 300), top_p=top_p,
+        more_smooth=more_smooth, generator=generator,
+    )
+
+
+def load_pipeline(ckpt_dir: str, use_ema: bool = True, device: str = "cpu") -> Pipeline:
+    """Model (EMA weights by default), tokenizer and text encoder from a t2i checkpoint directory."""
+    cfg_path = os.path.join(ckpt_dir, "config.yaml")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{ckpt_dir} has no config.yaml (not a hart-train t2i checkpoint)")
+    with open(cfg_path, encoding="utf-8") as f:
+        run_cfg = yaml.safe_load(f)
+    section = run_cfg.get("t2i") if isinstance(run_cfg, dict) else None
+    if not isinstance(section, dict) or run_cfg.get("stage") != "t2i":
+        raise ValueError(f"{cfg_path} is not the config of a t2i stage")
+    model = HARTForT2I(HARTConfig(**section["model"]))
+    state = load_file(os.path.join(ckpt_dir, "model.safetensors"))
+    ema_path = os.path.join(ckpt_dir, "ema.safetensors")
+    if use_ema and os.path.exists(ema_path):
+        state.update(load_file(ema_path))  # EMA covers the trainable parameters; frozen ones are in model
+    load_official_state_dict(model, state, strict=True)
+    tokenizer = load_tokenizer(section["tokenizer_ckpt"]).to(device)
+    text_encoder = TextEncoder(TextEncoderConfig(**section["text_encoder"]))
+    return Pipeline(model.to(device).eval().requires_grad_(False), tokenizer, text_encoder)

@@ -1,0 +1,92 @@
+"""Stages: which modules exist, which train, their data and their logging, on the shared runtime.
+
+A stage object provides: `build_model()` (a module whose forward(inputs) returns loss terms with the
+total under "loss"), `load_init(module, path)`, `make_reader(rank, world_size)`, `prepare(batch, device,
+step)`, `batch_size(batch)`, `after_step(module, outputs, step)`, `log_values()`, `evaluate(module, ema,
+step)`, `images(module, ema, step)` and a `generator` (torch.Generator, checkpointed with the run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from data_tools import schema, storage
+from data_tools.encode import tokenizer_checkpoint_config
+from data_tools.text_encoder import model_directory
+from hart_train.config import ConfigError
+from hart_train.stages.t2i_stage import T2IStage
+from hart_train.stages.tokenizer_stage import TokenizerStage
+
+
+def make_stage(cfg):
+    if cfg.stage in ("tokenizer-vq", "tokenizer-hybrid"):
+        return TokenizerStage(cfg)
+    return T2IStage(cfg)
+
+
+def _check_dataset(url: str, key: str) -> None:
+    manifest = storage.join(url, schema.MANIFEST_NAME)
+    try:
+        found = storage.exists(manifest)
+    except Exception as e:  # unreachable endpoint, bad credentials: say so with the key
+        raise FileNotFoundError(f"{key}: cannot reach {url}: {storage.redact(str(e))}") from None
+    if not found:
+        raise FileNotFoundError(f"{key}: {url} has no {schema.MANIFEST_NAME} (not a complete hart-data dataset)")
+
+
+def validate_paths(cfg) -> None:
+    """Every path the run needs exists, checked before anything is allocated; errors name the key."""
+    for i, url in enumerate(cfg.data.urls):
+        _check_dataset(url, f"data.urls[{i}]")
+    if cfg.run.init_from and not os.path.exists(os.path.join(cfg.run.init_from, "model.safetensors")):
+        raise FileNotFoundError(f"run.init_from: {cfg.run.init_from} has no model.safetensors (not a checkpoint directory)")
+    if cfg.stage.startswith("tokenizer"):
+        t = cfg.tokenizer
+        if t.eval_url:
+            _check_dataset(t.eval_url, "tokenizer.eval_url")
+        path = t.loss.perceptual_weights_path
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"tokenizer.loss.perceptual_weights_path: {path} does not exist")
+        if cfg.data.resolution != t.model.image_size:
+            raise ConfigError(f"data.resolution: {cfg.data.resolution} does not match the tokenizer's image size "
+                              f"{t.model.image_size} (= 2**(len(ch_mult)-1) * patch_nums[-1])")
+        if cfg.stage == "tokenizer-hybrid" and not cfg.run.init_from:
+            raise ConfigError("run.init_from: tokenizer-hybrid starts from a tokenizer-vq checkpoint; set its directory")
+    if cfg.stage == "t2i":
+        _validate_t2i(cfg)
+
+
+def _validate_t2i(cfg) -> None:
+    t, m = cfg.t2i, cfg.t2i.model
+    if not t.tokenizer_ckpt:
+        raise ConfigError("t2i.tokenizer_ckpt: required (a tokenizer checkpoint directory)")
+    try:
+        tok = tokenizer_checkpoint_config(t.tokenizer_ckpt)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"t2i.tokenizer_ckpt: {e}") from None
+    pairs = [("t2i.model.patch_nums", m.patch_nums, tok.patch_nums), ("t2i.model.Cvae", m.Cvae, tok.z_channels),
+             ("t2i.model.vocab_size", m.vocab_size, tok.vocab_size), ("data.resolution", cfg.data.resolution, tok.image_size)]
+    for key, ours, theirs in pairs:
+        if _plain(ours) != _plain(theirs):
+            raise ConfigError(f"{key}: {ours} does not match the tokenizer checkpoint ({theirs})")
+    try:
+        text_dir = model_directory(t.text_encoder)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"t2i.text_encoder.path: {e}") from None
+    hidden = _hidden_size(os.path.join(text_dir, "config.json"))
+    if hidden is not None and hidden != m.context_dim:
+        raise ConfigError(f"t2i.model.context_dim: {m.context_dim} does not match the text encoder's hidden size {hidden}")
+
+
+def _plain(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def _hidden_size(config_json: str) -> int | None:
+    if not os.path.exists(config_json):
+        return None
+    with open(config_json, encoding="utf-8") as f:
+        c = json.load(f)
+    c = c.get("text_config", c)
+    return c.get("hidden_size") or c.get("d_model")

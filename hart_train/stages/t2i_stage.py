@@ -1,0 +1,97 @@
+"""The text-to-image stages (`t2i`, configured per resolution: configs/t2i_*.yaml) on the shared runtime.
+
+The DeepSpeed engine holds exactly `HARTForT2I` (its state dict is the official one), sharded with
+ZeRO-3. The tokenizer and the text encoder are frozen and live beside the engine on every rank, in
+eval mode: a batch of images and captions becomes the transformer's inputs on the fly (per-scale
+indices, teacher-forcing input, last-scale residual, text embeddings). The next stage at a higher
+resolution starts from this one's `model.safetensors` (`run.init_from`): 2D RoPE and the sinusoidal
+level embedding make the weights independent of the schedule length.
+
+`head_only` freezes everything but the diffusion head (`diffloss.*`): one config flag, no new code.
+Sample grids during training use the raw (not EMA) weights, since swapping EMA weights into a ZeRO-3
+module would need a gather of the whole model; `hart-sample` uses the EMA weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+
+from data_tools.encode import load_tokenizer
+from data_tools.reader import StreamingReader, to_unit_range
+from data_tools.text_encoder import TextEncoder
+from hart_train.models import HARTForT2I
+from hart_train.models.hart_t2i import load_official_state_dict
+from hart_train.sampling import sample_images
+
+
+class T2IStage:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.stage_cfg = cfg.t2i
+        self.device = torch.device(cfg.run.device)
+        self.generator = torch.Generator(device=self.device)
+        self.tokenizer = load_tokenizer(self.stage_cfg.tokenizer_ckpt).to(self.device)
+        self.text_encoder = TextEncoder(self.stage_cfg.text_encoder)
+        self._log: dict = {}
+
+    def build_model(self) -> nn.Module:
+        model = HARTForT2I(self.stage_cfg.model)
+        if self.stage_cfg.head_only:
+            model.requires_grad_(False)
+            model.diffloss.requires_grad_(True)
+        if self.cfg.run.activation_checkpointing:
+            model.set_grad_checkpointing(True)
+        return model
+
+    def load_init(self, module: nn.Module, path: str) -> None:
+        """Start from a previous stage (or an imported official checkpoint): all weights, strictly."""
+        load_official_state_dict(module, load_file(f"{path.rstrip('/')}/model.safetensors"), strict=True)
+
+    def make_reader(self, rank: int, world_size: int) -> StreamingReader:
+        return StreamingReader(self.cfg.data, rank=rank, world_size=world_size)
+
+    @torch.no_grad()
+    def prepare(self, batch: dict, device, step: int) -> dict:
+        img = to_unit_range(batch["image"]).to(device)
+        idx_Bl, f_rest = self.tokenizer.img_to_idxBl_and_frest(img)
+        x_wo_first = self.tokenizer.idxBl_to_var_input(idx_Bl)
+        context, mask, pos = self.text_encoder.encode(batch["caption"], device)
+        return {"context": context.float(), "context_mask": mask, "x_BLCv_wo_first_l": x_wo_first,
+                "gt_idx": idx_Bl, "f_rest_last": f_rest, "codebook": self.tokenizer.quantize.embedding.weight,
+                "context_position_ids": pos, "generator": self.generator}
+
+    @staticmethod
+    def batch_size(batch: dict) -> int:
+        return int(batch["image"].shape[0])
+
+    def after_step(self, module: nn.Module, outputs: dict, step: int) -> None:
+        per_scale = torch.stack([outputs["ce_per_scale"].detach().float(), outputs["acc_per_scale"].detach().float()])
+        if dist.is_initialized():
+            dist.all_reduce(per_scale)
+            per_scale /= dist.get_world_size()
+        self._log = {f"ce/scale_{i:02d}": float(v) for i, v in enumerate(per_scale[0])}
+        self._log.update({f"acc/scale_{i:02d}": float(v) for i, v in enumerate(per_scale[1])})
+
+    def log_values(self) -> dict:
+        return self._log
+
+    def evaluate(self, module: nn.Module, ema, step: int) -> dict:
+        return {}
+
+    @torch.no_grad()
+    def images(self, module: nn.Module, ema, step: int) -> dict[str, np.ndarray]:
+        """A grid for the fixed prompts (collective under ZeRO-3: every rank runs the same sampling)."""
+        s = self.stage_cfg
+        if not s.sample_prompts:
+            return {}
+        was_training = module.training
+        module.eval()
+        imgs = sample_images(module, self.tokenizer, self.text_encoder, list(s.sample_prompts), seed=s.sample_seed,
+                             cfg_scale=s.sample_cfg, top_k=s.sample_top_k, device=self.device)
+        module.train(was_training)
+        grid = torch.cat(list(imgs), dim=2)  # 3, H, N*W
+        return {"samples": (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()}

@@ -1,0 +1,286 @@
+"""The training loop: model-agnostic, stage-driven, resumable bit for bit.
+
+The loop knows nothing of HART. A stage (see `hart_train.stages`) supplies the module, whose
+`forward(inputs)` returns a dict of loss terms with the total under "loss"; turns reader batches into
+inputs; and offers evaluation and images. Everything distributed (ZeRO sharding, gradient reduction,
+clipping, accumulation, the optimizer and its schedule) is DeepSpeed's, built from the config.
+
+Resume: the same command finds the newest checkpoint with `COMPLETE` under `<run>/ckpt` and continues
+from it. On the same world size the continuation is bit-exact in fp32: weights, optimizer, schedule,
+EMA, the reader's position and every RNG (torch's and the stage's generator) come back. On another
+world size DeepSpeed's universal conversion runs first (automatically, cached beside the
+checkpoint); the reader re-plans the rest of the epoch so no sample is lost or repeated; per-rank RNG
+is then re-seeded from (seed, step, rank), since the old ranks' streams have no new owner.
+
+Preemption: SIGTERM or SIGUSR1 sets a flag; at the next step boundary all ranks agree (a MAX
+all-reduce), save a checkpoint and exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+
+from hart_train import checkpoint as ckpt
+from hart_train import config as C
+from hart_train import distributed as D
+from hart_train import engine as E
+from hart_train import zero_utils
+from hart_train.ema import EMA
+from hart_train.metrics import MetricsLogger, read_jsonl
+from hart_train.run_config import RunConfig
+
+
+@dataclass
+class TrainResult:
+    step: int
+    run_dir: str
+    last_checkpoint: str | None
+    preempted: bool
+
+
+class _Preemption:
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+
+def run_dir_of(cfg: RunConfig) -> str:
+    return os.path.join(cfg.run.out_dir, cfg.run.name)
+
+
+def _rng_state(stage) -> dict:
+    return {"torch": torch.get_rng_state(), "stage": stage.generator.get_state()}
+
+
+def _restore_rng(stage, state: dict | None, cfg: RunConfig, step: int) -> None:
+    if state is not None:
+        torch.set_rng_state(state["torch"])
+        stage.generator.set_state(state["stage"])
+    else:  # new world size: a fresh, deterministic stream for this rank
+        seed = hash((cfg.run.seed, step, D.rank())) % (2**62)
+        torch.manual_seed(seed)
+        stage.generator.manual_seed(seed + 1)
+
+
+def _prepare_run_dir(cfg: RunConfig, run_dir: str, root: str) -> str | None:
+    """Rank 0: clean partial checkpoints, save the resolved config. All: agree on the resume point."""
+    resume = None
+    if D.is_main():
+        os.makedirs(root, exist_ok=True)
+        for path in ckpt.remove_partial(root):
+            print(f"removed partial checkpoint {path}", flush=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(C.dump(cfg))
+        resume = ckpt.latest_complete(root)
+        if resume is not None:
+            meta = ckpt.read_meta(resume)
+            if meta["world_size"] != D.world_size() and cfg.zero.stage > 0:
+                print(f"resuming {resume} on {D.world_size()} ranks (saved on {meta['world_size']}): "
+                      "converting to a universal checkpoint", flush=True)
+                ckpt.ensure_universal(resume)
+            _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), meta["step"])
+    return D.broadcast_object(resume)
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop log lines of steps after the resume point (they are about to be redone)."""
+    if os.path.exists(path):
+        kept = [r for r in read_jsonl(path) if r["step"] <= step]
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+
+
+class PreflightError(OSError):
+    """The run cannot start: its directory is not writable or its disk too small for a checkpoint."""
+
+
+def check_writable(run_dir: str) -> None:
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write-probe-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PreflightError(f"the run directory {run_dir} is not writable: {e}") from None
+
+
+def _check_disk(run_dir: str, model) -> None:
+    """One checkpoint holds about 5 fp32 copies of the parameters (weights, EMA, master, 2 Adam moments)."""
+    need = 5 * 4 * sum(p.numel() for p in model.parameters())
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise PreflightError(f"not enough disk for a checkpoint under {run_dir}: {free / 2**20:.1f} MiB free, "
+                             f"about {need / 2**20:.1f} MiB needed")
+
+
+def _load(engine, cfg, resume, reader, ema, stage) -> int:
+    meta = ckpt.read_meta(resume)
+    same_world = meta["world_size"] == D.world_size() or cfg.zero.stage == 0
+    root, name = os.path.split(resume)
+    tag = name if same_world else os.path.join(name, "universal")
+    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {resume}")
+    step = int(meta["step"])
+    reader_state, rng_state = ckpt.load_rank_files(resume, D.rank())
+    if reader_state is None:  # more ranks than before: the reader state is global, take rank 0's
+        reader_state, _ = ckpt.load_rank_files(resume, 0)
+    reader.load_state_dict(reader_state)
+    if ema is not None:
+        state = ckpt.load_ema(resume)
+        if state is None:
+            raise RuntimeError(f"{resume} has no ema.safetensors but EMA is enabled")
+        ema.load_full_state_dict(state)
+    _restore_rng(stage, rng_state if same_world else None, cfg, step)
+    return step
+
+
+def _record_param_shards(module, run_dir: str) -> None:
+    """Write how many parameter elements each rank holds (ZeRO-3: about 1/N of the model)."""
+    local = sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) for p in module.parameters())
+    total = sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel()) for p in module.parameters())
+    per_rank = D.all_gather_object(local)
+    if D.is_main():
+        with open(os.path.join(run_dir, "param_shards.json"), "w") as f:
+            json.dump({"total": total, "per_rank": per_rank}, f)
+        print(f"parameters: {total:,} in total; held per rank: {per_rank}", flush=True)
+
+
+def _memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _mean_across_ranks(values: dict[str, float], device) -> dict[str, float]:
+    if not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+        t /= D.world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def train(cfg: RunConfig, stage) -> TrainResult:
+    """Run (or resume) `cfg` with `stage`; returns when max_steps is reached or on preemption."""
+    if cfg.run.num_threads:
+        torch.set_num_threads(cfg.run.num_threads)
+    D.init(cfg.run.device, cfg.run.collective_timeout_s)
+    device = torch.device(cfg.run.device, D.local_rank()) if cfg.run.device == "cuda" else torch.device("cpu")
+    run_dir = run_dir_of(cfg)
+    root = os.path.join(run_dir, "ckpt")
+    check_writable(run_dir)
+    resume = _prepare_run_dir(cfg, run_dir, root)
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = stage.build_model()
+    _check_disk(run_dir, model)
+    if resume is None and cfg.run.init_from:
+        stage.load_init(model, cfg.run.init_from)
+    same_world = resume is None or ckpt.read_meta(resume)["world_size"] == D.world_size()
+    ds_config = E.deepspeed_config(cfg, load_universal=not same_world and cfg.zero.stage > 0)
+    if D.is_main():
+        with open(os.path.join(run_dir, "deepspeed.json"), "w") as f:
+            json.dump(ds_config, f, indent=1)
+    engine = E.build(cfg, model, ds_config)
+    _record_param_shards(engine.module, run_dir)
+    ema = EMA(engine.module, cfg.ema.decay) if cfg.ema.enabled else None
+    reader = stage.make_reader(rank=D.rank(), world_size=D.world_size())
+    torch.manual_seed(cfg.run.seed * 1000 + D.rank() + 1)  # per-rank stream (dropout etc.)
+    stage.generator.manual_seed(cfg.run.seed * 1000 + D.rank() + 7)
+    step = 0
+    if resume is not None:
+        step = _load(engine, cfg, resume, reader, ema, stage)
+        if D.is_main():
+            print(f"resumed from {resume} at step {step}", flush=True)
+    logger = MetricsLogger(run_dir, C.to_dict(cfg), cfg.wandb, enabled=D.is_main())
+    try:
+        return _loop(cfg, stage, engine, ema, reader, logger, device, run_dir, root, step)
+    finally:
+        logger.close()
+
+
+def _save(cfg, stage, engine, ema, reader, root, step) -> str:
+    meta = {"stage": cfg.stage, "zero_stage": cfg.zero.stage, "samples": reader.state_dict().get("samples_consumed")}
+    weights = {"model": zero_utils.full_state_dict(engine.module, rank=D.rank())}
+    if ema is not None:
+        weights["ema"] = ema.full_state_dict()
+    try:
+        return ckpt.save(engine, root, step, meta, reader.state_dict(), _rng_state(stage), weights,
+                         C.dump(cfg), cfg.run.keep_last)
+    except (OSError, RuntimeError) as e:
+        previous = ckpt.latest_complete(root)
+        raise RuntimeError(f"saving the checkpoint of step {step} failed ({e}); the newest complete checkpoint "
+                           f"{previous} is intact and the partial one is removed at the next start") from e
+
+
+def _loop(cfg, stage, engine, ema, reader, logger, device, run_dir, root, step) -> TrainResult:
+    preempt = _Preemption()
+    batches = iter(reader)
+    last_ckpt, window, t0 = None, {}, time.perf_counter()
+    samples_in_window = 0
+    while step < cfg.run.max_steps:
+        terms = {}
+        for _ in range(cfg.run.grad_accum):
+            batch = next(batches)
+            inputs = stage.prepare(batch, device, step)
+            out = engine(**inputs)
+            engine.backward(out["loss"])
+            engine.step()
+            samples_in_window += stage.batch_size(batch)
+            for k, v in out.items():
+                if torch.is_tensor(v) and v.numel() == 1:
+                    terms[k] = terms.get(k, 0.0) + float(v.detach()) / cfg.run.grad_accum
+        step += 1
+        if ema is not None:
+            ema.update()
+        stage.after_step(engine.module, out, step)
+        for k, v in terms.items():
+            window[k] = window.get(k, 0.0) + v
+        if step % cfg.run.log_every == 0 or step == cfg.run.max_steps:
+            n = cfg.run.log_every if step % cfg.run.log_every == 0 else step % cfg.run.log_every
+            values = _mean_across_ranks({k: v / n for k, v in window.items()}, device)
+            dt = time.perf_counter() - t0
+            values.update(lr=engine.get_lr()[0], grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                          samples_per_s=samples_in_window * D.world_size() / dt, step_time_s=dt / n,
+                          memory_mb=_memory_mb(cfg.run.device))
+            values.update(stage.log_values())
+            logger.log(step, values)
+            window, samples_in_window, t0 = {}, 0, time.perf_counter()
+        _periodic(cfg, stage, engine, ema, logger, step)
+        stop = D.any_true(preempt.requested, device)
+        if stop or step == cfg.run.max_steps or (cfg.run.save_every and step % cfg.run.save_every == 0):
+            last_ckpt = _save(cfg, stage, engine, ema, reader, root, step)
+            if D.is_main():
+                print(f"saved checkpoint {last_ckpt}", flush=True)
+        if stop:
+            if D.is_main():
+                print(f"preempted: saved at step {step}, exiting", flush=True)
+            return TrainResult(step, run_dir, last_ckpt, preempted=True)
+    return TrainResult(step, run_dir, last_ckpt, preempted=False)
+
+
+def _periodic(cfg, stage, engine, ema, logger, step) -> None:
+    last = step == cfg.run.max_steps
+    if (cfg.run.eval_every and step % cfg.run.eval_every == 0) or last:
+        values = stage.evaluate(engine.module, ema, step)
+        if values:
+            logger.log(step, values)
+    if (cfg.run.image_every and step % cfg.run.image_every == 0) or last:
+        logger.log_images(step, stage.images(engine.module, ema, step))

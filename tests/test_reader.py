@@ -1,0 +1,313 @@
+"""The streaming reader end to end: tiny schema-conforming datasets on local disk and on moto S3."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import os
+import tarfile
+from collections import Counter
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_tools import plan, s3io, schema
+from data_tools.reader import ReaderConfig, StreamingReader, TooManyBadSamplesError, to_unit_range
+from data_tools.s3io import StorageReadError
+from faultproxy import FaultProxy
+
+SHARD_SIZES = (12, 9, 15, 10, 14)  # 60 samples
+
+
+def _png(rng: np.random.Generator, size: int) -> bytes:
+    pixels = rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def write_dataset(root, sizes=SHARD_SIZES, bad=None, seed=0) -> list[str]:
+    """Shard tars + manifest.json under `root`; `bad` maps (shard, index) to a fault kind.
+    Returns the keys of the good samples."""
+    bad = bad or {}
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    shards, good = [], []
+    for s, n in enumerate(sizes):
+        path = os.path.join(root, schema.shard_name(s))
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for i in range(n):
+                key, kind = schema.sample_key(s, i), bad.get((s, i))
+                image = b"not an image" if kind == "image" else _png(rng, 16 + (i % 3) * 4)
+                meta = b"{broken" if kind == "json" else json.dumps({"width": 16, "height": 16}).encode()
+                _add(tf, f"{key}.png", image)
+                if kind != "txt":
+                    _add(tf, f"{key}.txt", f"caption of {key}".encode())
+                _add(tf, f"{key}.json", meta)
+                if kind is None:
+                    good.append(key)
+        data = open(path, "rb").read()
+        shards.append(schema.ShardInfo(schema.shard_name(s), n, len(data), hashlib.sha256(data).hexdigest()))
+    manifest = schema.Manifest(schema.SCHEMA_VERSION, shards)
+    with open(os.path.join(root, schema.MANIFEST_NAME), "w") as f:
+        f.write(manifest.to_json())
+    return good
+
+
+def upload(local: str, url: str) -> None:
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    for name in sorted(os.listdir(local)):
+        fs.put_file(os.path.join(local, name), url.removeprefix("s3://") + "/" + name)
+
+
+def config(url, **kw) -> ReaderConfig:
+    base = dict(urls=[url], resolution=16, batch_size=4, num_workers=2, shuffle_window=7, seed=1,
+                retry_attempts=4, retry_base_delay=0.01, io_timeout=5.0, read_block_bytes=1 << 16)
+    base.update(kw)
+    return ReaderConfig(**base)
+
+
+def take(reader: StreamingReader, n: int) -> list[dict]:
+    return list(itertools.islice(iter(reader), n))
+
+
+def keys_of(batches) -> list[str]:
+    return [k for b in batches for k in b["key"]]
+
+
+def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x["key"] == y["key"] and x["caption"] == y["caption"]
+        assert torch.equal(x["image"], y["image"])
+
+
+@pytest.fixture(scope="module")
+def local_ds(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("ds") / "ds")
+    return root, write_dataset(root)
+
+
+def test_batches_are_images_captions_keys(local_ds):
+    url, keys = local_ds
+    reader = StreamingReader(config(url, resolution=12, num_workers=0))
+    batch = take(reader, 1)[0]
+    assert batch["image"].shape == (4, 3, 12, 12) and batch["image"].dtype == torch.uint8
+    assert batch["caption"] == [f"caption of {k}" for k in batch["key"]]
+    assert batch["epoch"] == 0 and batch["num_bad"] == 0
+    unit = to_unit_range(batch["image"])
+    assert unit.dtype == torch.float32 and unit.min() >= -1 and unit.max() <= 1
+    assert torch.equal(unit[0, :, 0, 0], batch["image"][0, :, 0, 0].float() / 127.5 - 1)
+
+
+def test_several_datasets_are_one_epoch(tmp_path, local_ds):
+    url, keys = local_ds
+    other_keys = write_dataset(str(tmp_path / "other"), sizes=(6, 5), seed=7)
+    reader = StreamingReader(config(url, urls=[url, str(tmp_path / "other")]))
+    assert reader.num_samples == len(keys) + len(other_keys)
+    batches = take(reader, reader.steps_left_in_epoch())
+    captions = [c for b in batches for c in b["caption"]]
+    assert len(captions) == reader.num_samples
+    assert Counter(captions) == Counter(f"caption of {k}" for k in keys + other_keys)
+
+
+def test_missing_manifest_is_refused(tmp_path, local_ds):
+    os.makedirs(tmp_path / "half")
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        StreamingReader(config(str(tmp_path / "half")))
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="batch_size"):
+        ReaderConfig(urls=["x"], batch_size=0)
+    with pytest.raises(ValueError, match="urls"):
+        ReaderConfig(urls="x")
+    ReaderConfig()  # defaults are valid, so a trainer config can embed it
+    with pytest.raises(ValueError, match="urls is empty"):
+        StreamingReader(ReaderConfig())
+    with pytest.raises(ValueError, match="max_bad_fraction"):
+        ReaderConfig(urls=["x"], max_bad_fraction=2.0)
+
+
+def test_ranks_and_workers_split_the_epoch_exactly(local_ds):
+    url, keys = local_ds
+    steps = plan.num_steps(len(keys), 2, 4)
+    per_rank = []
+    for rank in range(2):
+        batches = take(StreamingReader(config(url), rank=rank, world_size=2), steps)
+        assert all(b["epoch"] == 0 for b in batches)
+        by_worker = [keys_of(batches[w::2]) for w in range(2)]  # batch t comes from worker t % 2
+        assert not set(by_worker[0]) & set(by_worker[1])
+        per_rank.append(keys_of(batches))
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(keys)
+
+
+def test_resume_is_bit_identical(local_ds):
+    """2 ranks x 2 worker processes: save after 3 batches, rebuild, load -> the same next batches."""
+    url, _ = local_ds
+    states = []
+    for rank in range(2):
+        reader = StreamingReader(config(url), rank=rank, world_size=2)
+        it = iter(reader)
+        list(itertools.islice(it, 3))
+        states.append(reader.state_dict())
+        expected = list(itertools.islice(it, 4))
+        restored = StreamingReader(config(url), rank=rank, world_size=2)
+        restored.load_state_dict(json.loads(json.dumps(states[-1])))
+        assert restored.state_dict() == states[-1]
+        assert_same_batches(take(restored, 4), expected)
+    assert states[0] == states[1]  # global state: identical on every rank
+    assert states[0]["samples_consumed"] == 3 * 2 * 4
+    with pytest.raises(ValueError, match="shuffle_window"):
+        StreamingReader(config(url, shuffle_window=8)).load_state_dict(states[0])
+    with pytest.raises(ValueError, match="seed"):
+        StreamingReader(config(url, seed=2)).load_state_dict(states[0])
+
+
+def test_epoch_boundary_and_second_epoch_order(local_ds):
+    url, keys = local_ds
+    cfg = config(url, num_workers=0)
+    steps = plan.num_steps(len(keys), 1, 4)
+    reader = StreamingReader(cfg)
+    it = iter(reader)
+    first = list(itertools.islice(it, steps))
+    assert reader.state_dict()["epoch"] == 1 and reader.state_dict()["samples_consumed"] == 0
+    second = list(itertools.islice(it, steps))
+    assert {b["epoch"] for b in first} == {0} and {b["epoch"] for b in second} == {1}
+    assert sorted(keys_of(first)) == sorted(keys_of(second)) == sorted(keys)
+    assert keys_of(first) != keys_of(second)
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_resume_on_a_different_rank_count_sees_each_sample_once(local_ds, new_world):
+    url, keys = local_ds
+    seen, states = [], []
+    for rank in range(2):
+        reader = StreamingReader(config(url), rank=rank, world_size=2)
+        seen += keys_of(take(reader, 3))
+        states.append(reader.state_dict())
+    assert states[0] == states[1]
+    for rank in range(new_world):
+        reader = StreamingReader(config(url, batch_size=3), rank=rank, world_size=new_world)
+        reader.load_state_dict(states[0])
+        steps = reader.steps_left_in_epoch()
+        batches = take(reader, steps)
+        assert {b["epoch"] for b in batches} == {0}
+        seen += keys_of(batches)
+        assert reader.state_dict()["epoch"] == 1
+    assert sorted(seen) == sorted(keys)  # none lost, none repeated
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path):
+    bad = {(0, 3): "image", (2, 5): "txt", (4, 1): "json"}
+    good = write_dataset(str(tmp_path / "ds"), bad=bad)
+    reader = StreamingReader(config(str(tmp_path / "ds"), num_workers=0, max_bad_fraction=0.2))
+    batches = take(reader, plan.num_steps(sum(SHARD_SIZES), 1, 4))
+    assert sorted(keys_of(batches)) == sorted(good)
+    assert batches[-1]["bad_samples"] == {"bad_image": 1, "missing_caption": 1, "bad_json": 1}
+    assert batches[-1]["num_bad"] == 3
+
+
+def test_truncated_shard_counts_its_lost_samples(tmp_path):
+    root = str(tmp_path / "ds")
+    keys = write_dataset(root)
+    path = os.path.join(root, schema.shard_name(2))
+    with tarfile.open(path) as tf:
+        cut = tf.getmembers()[-3].offset_data + 100  # inside the last sample's image
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:  # a shard cut mid-member, as by a failed copy; the manifest is unchanged
+        f.write(data[:cut])
+    reader = StreamingReader(config(root, num_workers=0, max_bad_fraction=0.5))
+    batches = take(reader, plan.num_steps(len(keys), 1, 4))
+    got = keys_of(batches)
+    assert len(got) == len(set(got))
+    assert set(got) >= {k for k in keys if not k.startswith("000002_")}
+    assert set(keys) - set(got) == {schema.sample_key(2, SHARD_SIZES[2] - 1)}
+    assert batches[-1]["bad_samples"] == {"missing_sample": 1}
+
+
+def test_too_many_bad_samples_stop_the_run(tmp_path):
+    bad = {(s, i): "image" for s, n in enumerate(SHARD_SIZES) for i in range(0, n, 4)}
+    write_dataset(str(tmp_path / "ds"), bad=bad)
+    cfg = config(str(tmp_path / "ds"), num_workers=0, max_bad_fraction=0.1, min_samples_for_bad_check=20)
+    with pytest.raises(TooManyBadSamplesError, match="bad_image"):
+        take(StreamingReader(cfg), 100)
+
+
+def test_local_and_s3_give_the_same_batches(local_ds, s3_bucket):
+    url, _ = local_ds
+    upload(url, s3_bucket + "/ds")
+    local = take(StreamingReader(config(url), rank=1, world_size=2), 5)
+    remote = take(StreamingReader(config(s3_bucket + "/ds"), rank=1, world_size=2), 5)
+    assert_same_batches(local, remote)
+
+
+def test_s3_without_manifest_is_refused(s3_bucket):
+    fsspec.filesystem("s3", skip_instance_cache=True).pipe_file(s3_bucket.removeprefix("s3://") + "/half/x", b"1")
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        StreamingReader(config(s3_bucket + "/half"))
+
+
+def test_transient_s3_faults_are_retried(local_ds, s3_bucket, s3_server, monkeypatch):
+    url, keys = local_ds
+    upload(url, s3_bucket + "/ds")
+    cfg = config(s3_bucket + "/ds", io_timeout=0.5, retry_attempts=5)
+    steps = plan.num_steps(len(keys), 1, 4)
+    expected = take(StreamingReader(cfg), steps)
+    schedule = ["reset", "pass", "503", "pass", "stall", "pass", "pass"]
+    with FaultProxy(s3_server, schedule, stall_seconds=1.0) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        got = take(StreamingReader(cfg), steps)
+    assert_same_batches(got, expected)
+    assert proxy.counts["reset"] >= 1 and proxy.counts["503"] >= 1 and proxy.counts["stall"] >= 1
+
+
+def test_exhausted_retries_give_a_clear_error(local_ds, s3_bucket, s3_server, monkeypatch):
+    url, _ = local_ds
+    upload(url, s3_bucket + "/ds")
+    cfg = config(s3_bucket + "/ds", num_workers=0, retry_attempts=3)
+    with FaultProxy(s3_server, ["503"]) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        with pytest.raises(StorageReadError, match="after 3 attempts") as info:
+            take(StreamingReader(cfg), 1)
+    assert "testing-secret-value" not in str(info.value)
+    assert proxy.counts["503"] == 3
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_parser_matches_tarfile(fmt):
+    names = ["a/000000_000000.jpg", "d" * 60 + "/" + "k" * 90 + ".txt", "000000_000001.json"]
+    if fmt == tarfile.USTAR_FORMAT:
+        names[1] = "d" * 60 + "/" + "k" * 40 + ".txt"  # ustar splits long paths into prefix + name
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        for i, name in enumerate(names):
+            _add(tf, name, bytes([i]) * (700 * i + 3))
+        directory = tarfile.TarInfo("a-dir")
+        directory.type = tarfile.DIRTYPE
+        tf.addfile(directory)  # not a regular file: not yielded
+    buf.seek(0)
+
+    class Stream(io.BytesIO):
+        def skip(self, n):
+            return len(self.read(n))
+
+    got = list(s3io.iter_tar(Stream(buf.getvalue()), want=lambda n: not n.endswith(".json")))
+    assert [n for n, _ in got] == names
+    assert got[0][1] == b"\0" * 3 and got[1][1] == b"\1" * 703 and got[2][1] is None
+    with pytest.raises(s3io.TarFormatError, match="checksum"):
+        broken = bytearray(buf.getvalue())
+        broken[10] ^= 0xFF
+        list(s3io.iter_tar(Stream(bytes(broken)), want=lambda n: True))

@@ -1,0 +1,106 @@
+"""The tokenizer stages on the DeepSpeed runtime: real ZeRO processes (2 gloo ranks), real emoji data.
+
+One uninterrupted 2-rank run is the reference (module-scoped, reused by the tests below):
+* the reconstruction loss falls;
+* a run SIGKILLed mid-way and re-run with the same command continues bit for bit;
+* a 2-rank checkpoint resumes on 1 rank (universal conversion, reader re-planned);
+* tokenizer-hybrid starts from it, keeps encoder and codebook frozen, and trains the decoder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from procs import check, kill_group, run_train, start_train, wait_for
+from runs import TOKENIZER_CONFIG as CONFIG
+from runs import losses
+from runs import tokenizer_overrides as overrides
+
+HYBRID = "configs/tokenizer_hybrid_tiny.yaml"
+
+
+@pytest.fixture
+def reference(tokenizer_reference):
+    return tokenizer_reference
+
+
+def test_vq_stage_trains_and_logs(reference):
+    steps = losses(reference)
+    assert sorted(steps) == list(range(1, 13))
+    first = sum(steps[s]["recon"] for s in (1, 2)) / 2
+    last = sum(steps[s]["recon"] for s in (11, 12)) / 2
+    assert last < 0.8 * first, (first, last)
+    assert steps[12]["gan_weight"] > 0 and "gan_g" not in steps[5]  # the GAN starts at step 6
+    ckpts = sorted(p.name for p in (reference / "ckpt").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_00000004", "step_00000008", "step_00000012"]
+    for c in ckpts:
+        assert (reference / "ckpt" / c / "COMPLETE").exists()
+    model = load_file(reference / "ckpt" / "step_00000012" / "model.safetensors")
+    assert any(k.startswith("vae.encoder.") for k in model) and any(k.startswith("disc.main.") for k in model)
+    evals = [json.loads(l) for l in (reference / "metrics.jsonl").read_text().splitlines() if "eval/psnr_discrete" in l]
+    assert evals and evals[-1]["eval/psnr_continuous"] > 5
+    assert list((reference / "images").glob("reconstruction_step*.png"))
+    assert (reference / "wandb_id.txt").exists()
+
+
+def test_killed_run_resumes_bit_for_bit(reference, emoji_dataset, tmp_path):
+    args = overrides(emoji_dataset, tmp_path, "killed")
+    proc = start_train(CONFIG, args, nproc=2)
+    wait_for(tmp_path / "killed" / "ckpt" / "step_00000004" / "COMPLETE", proc)
+    kill_group(proc)
+    check(run_train(CONFIG, args, nproc=2))
+    ref, got = losses(reference), losses(tmp_path / "killed")
+    assert sorted(got) == sorted(ref)
+    for step in range(1, 13):
+        for key in ("loss", "recon", "vq"):
+            assert got[step][key] == ref[step][key], (step, key, got[step][key], ref[step][key])
+    ref_w = load_file(reference / "ckpt" / "step_00000012" / "model.safetensors")
+    got_w = load_file(tmp_path / "killed" / "ckpt" / "step_00000012" / "model.safetensors")
+    assert all((ref_w[k] == got_w[k]).all() for k in ref_w)
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(reference, emoji_dataset, tmp_path):
+    run = tmp_path / "ref"
+    shutil.copytree(reference, run)
+    for later in ("step_00000008", "step_00000012"):
+        shutil.rmtree(run / "ckpt" / later)
+    result = run_train(CONFIG, overrides(emoji_dataset, tmp_path, "ref"), nproc=1)
+    check(result)
+    assert "converting to a universal checkpoint" in result.stdout
+    assert (run / "ckpt" / "step_00000004" / "universal").is_dir()
+    steps = losses(run)
+    assert sorted(steps) == list(range(1, 13))
+    assert all(steps[s]["loss"] == losses(reference)[s]["loss"] for s in range(1, 5))
+    state = json.loads((run / "ckpt" / "step_00000012" / "data" / "rank_00000.json").read_text())
+    assert [seg["ranks"] for seg in state["segments"]] == [2, 1]  # the epoch was re-planned for 1 rank
+
+
+def test_hybrid_stage_freezes_encoder_and_trains_decoder(reference, emoji_dataset, tmp_path):
+    init = reference / "ckpt" / "step_00000012"
+    args = overrides(emoji_dataset, tmp_path, "hybrid", f"run.init_from={init}", "tokenizer.loss.disc_start_step=100")
+    check(run_train(HYBRID, args, nproc=2))
+    before = load_file(init / "model.safetensors")
+    after = load_file(tmp_path / "hybrid" / "ckpt" / "step_00000012" / "model.safetensors")
+    frozen = [k for k in before if k.startswith(("vae.encoder.", "vae.quant_conv.", "vae.quantize.embedding",
+                                                 "vae.quantize.quant_resi"))]
+    assert frozen and all((before[k] == after[k]).all() for k in frozen)
+    assert not (before["vae.decoder.conv_out.weight"] == after["vae.decoder.conv_out.weight"]).all()
+    steps = losses(tmp_path / "hybrid")
+    assert sum(steps[s]["recon"] for s in (11, 12)) < sum(steps[s]["recon"] for s in (1, 2))
+
+
+def test_bad_config_fails_before_anything_runs(emoji_dataset, tmp_path):
+    bad_key = run_train(CONFIG, overrides(emoji_dataset, tmp_path, "bad", "optim.lrr=1"), nproc=1)
+    assert bad_key.returncode == 2 and "optim.lrr" in bad_key.stderr
+    bad_value = run_train(CONFIG, overrides(emoji_dataset, tmp_path, "bad", "zero.stage=5"), nproc=1)
+    assert bad_value.returncode == 2 and "stage" in bad_value.stderr
+    missing = run_train(CONFIG, overrides(str(tmp_path / "nope"), tmp_path, "bad"), nproc=1)
+    assert missing.returncode == 2 and "data.urls[0]" in missing.stderr
+    missing_init = run_train(HYBRID, overrides(emoji_dataset, tmp_path, "bad", f"run.init_from={tmp_path}/x"), nproc=1)
+    assert missing_init.returncode == 2 and "run.init_from" in missing_init.stderr
+    assert not (tmp_path / "bad").exists()
