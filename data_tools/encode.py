@@ -24,6 +24,8 @@ Design decisions:
 - The manifest's `options` record everything a trainer must match (tokenizer checkpoint and its weights'
   sha256, patch_nums, vocab, resolution, text encoder kind/path/max_length/system prompt/dtype, storage
   dtypes), under `format: "hart-tokens"`, so mismatching token shards can be refused.
+- The format's constants, `read_token_sample` and the weights hash live in `data_tools.token_format`
+  (no tokenizer import), which the streaming reader uses to read these shards (`ReaderConfig.kind`).
 - All checks that can fail (tokenizer checkpoint, resolution, source manifest, text encoder directory,
   output) run before the first sample is encoded.
 """
@@ -46,12 +48,11 @@ from tqdm import tqdm
 
 from data_tools import reader, schema, shard, storage
 from data_tools.text_encoder import TextEncoder, TextEncoderConfig, model_directory, resolve_kind
+from data_tools.token_format import (EXT_CTX, EXT_FREST, EXT_IDX, EXT_MASK, TOKEN_FORMAT, TOKEN_FORMAT_VERSION,
+                                     file_sha256, is_token_dataset, read_token_sample)
 from tokenizer.autoencoder import HARTAutoEncoder, TokenizerConfig, config_to_dict, load_weights_file
 
-TOKEN_FORMAT = "hart-tokens"
-TOKEN_FORMAT_VERSION = 1
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
-EXT_IDX, EXT_FREST, EXT_CTX, EXT_MASK = "idx.npy", "frest.npy", "ctx.npy", "mask.npy"
 _MTIME = 0  # fixed member mtime: identical input gives identical tar bytes
 
 
@@ -90,14 +91,6 @@ def load_tokenizer(ckpt_dir: str) -> HARTAutoEncoder:
     except RuntimeError as e:
         raise ValueError(f"{ckpt_dir}: weights do not match its config.yaml tokenizer.model: {e}") from None
     return model.eval().requires_grad_(False)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(8 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -200,7 +193,7 @@ def token_options(
         "format_version": TOKEN_FORMAT_VERSION,
         "source": storage.redact(src),
         "tokenizer_ckpt": str(Path(ckpt).resolve()),
-        "tokenizer_sha256": _file_sha256(Path(ckpt) / "model.safetensors"),
+        "tokenizer_sha256": file_sha256(Path(ckpt) / "model.safetensors"),
         "tokenizer": config_to_dict(tok_cfg),
         "patch_nums": list(tok_cfg.patch_nums),
         "vocab_size": tok_cfg.vocab_size,
@@ -349,39 +342,10 @@ def _build_manifest(results: list[dict], options: dict) -> schema.Manifest:
 # ----------------------------------------------------------------------------- reading token shards
 
 
-def read_token_sample(members: dict) -> dict:
-    """One sample's members ({ext: bytes}, ext as `idx.npy`) -> tensors.
-
-    Returns idx_Bl (list of (pn*pn,) long per scale), frest (h*w, Cvae) float32, context (max_length, D)
-    float32, mask and position_ids (max_length,) long, caption (str), meta (dict).
-    """
-    needed = (EXT_IDX, EXT_FREST, EXT_CTX, EXT_MASK, schema.CAPTION_EXT, schema.META_EXT)
-    missing = [e for e in needed if e not in members]
-    if missing:
-        raise ValueError(f"token sample lacks members {missing} (has {sorted(members)})")
-    meta = json.loads(members[schema.META_EXT])
-    arrays = {e: np.load(io.BytesIO(members[e]), allow_pickle=False) for e in (EXT_IDX, EXT_FREST, EXT_CTX, EXT_MASK)}
-    patch_nums = meta["patch_nums"]
-    idx = torch.from_numpy(arrays[EXT_IDX].astype(np.int64))
-    num_tokens = sum(pn * pn for pn in patch_nums)
-    if idx.shape != (num_tokens,):
-        raise ValueError(f"token sample idx has shape {tuple(idx.shape)}; patch_nums {patch_nums} need ({num_tokens},)")
-    mask = torch.from_numpy(arrays[EXT_MASK].astype(np.int64))
-    return {
-        "idx_Bl": list(idx.split([pn * pn for pn in patch_nums])),
-        "frest": torch.from_numpy(arrays[EXT_FREST].astype(np.float32)),
-        "context": torch.from_numpy(arrays[EXT_CTX].astype(np.float32)),
-        "mask": mask,
-        "position_ids": (mask.cumsum(0) - 1).clamp_(min=0),
-        "caption": members[schema.CAPTION_EXT].decode("utf-8"),
-        "meta": meta,
-    }
-
-
 def iter_token_samples(url: str) -> Iterator[tuple[str, dict]]:
     """(key, read_token_sample(...)) for every sample of a token dataset, in manifest order."""
     manifest = _read_manifest(url)
-    if manifest.options.get("format") != TOKEN_FORMAT:
+    if not is_token_dataset(manifest.options):
         raise ValueError(f"{storage.redact(url)} is not a token dataset (manifest options.format != {TOKEN_FORMAT!r})")
     for info in manifest.shards:
         with storage.open_read(storage.join(url, info.name)) as f, tarfile.open(fileobj=f, mode="r|") as tar:

@@ -24,6 +24,11 @@ Design decisions:
   from its shard) still occupies its position: it counts as consumed and is skipped, so a batch can
   come out smaller. Each worker stops the run once its bad fraction exceeds ``max_bad_fraction``
   (judged after ``min_samples_for_bad_check`` samples).
+- ``kind="tokens"`` reads `hart-data encode` output with the same plan, resume state, sharding and
+  retries; only the per-sample decoder (``token_format.read_token_sample``) and the collation differ
+  (``decode_token_sample``, ``collate_tokens``). A dataset of the other kind (manifest
+  ``options.format``) is refused when the reader is built. Token batches are stacked with
+  ``torch.stack``: they are small (no image), so the DataLoader's copy into shared memory is cheap.
 - Iterating the reader is infinite across epochs; each batch says its ``epoch``. One epoch is one
   pass of a DataLoader (worker processes restart per epoch). ``state_dict()`` counts the batches
   handed to the caller, never prefetched ones, and must be called between batches.
@@ -31,9 +36,11 @@ Design decisions:
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
+import signal
 import threading
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -46,7 +53,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_tools import plan as planning
-from data_tools import s3io, schema, storage
+from data_tools import s3io, schema, storage, token_format
+
+KINDS = ("images", "tokens")
+
 
 class TooManyBadSamplesError(RuntimeError):
     """The fraction of bad samples exceeded ``ReaderConfig.max_bad_fraction``."""
@@ -70,8 +80,11 @@ class ReaderConfig:
     io_timeout: float = 60.0  # S3 connect/read timeout in seconds: a stalled connection becomes an error
     read_block_bytes: int = 8 << 20  # bytes per ranged read (one read ahead)
     prefetch_factor: int = 2  # batches prefetched per worker
+    kind: str = "images"  # "images": image shards; "tokens": `hart-data encode` token shards (resolution unused)
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"ReaderConfig.kind must be one of {KINDS}, got {self.kind!r}")
         # An empty list is a valid default (a config file fills it in); StreamingReader refuses it.
         if not isinstance(self.urls, list) or not all(isinstance(u, str) and u for u in self.urls):
             raise ValueError(f"ReaderConfig.urls must be a list of dataset URLs, got {self.urls!r}")
@@ -97,8 +110,9 @@ class ShardRef:
     num_bytes: int
 
 
-def load_shards(urls: list[str], policy: s3io.RetryPolicy, io_timeout: float) -> list[ShardRef]:
-    """The shards of all datasets in `urls`, in order; a dataset without a manifest is refused."""
+def load_shards(urls: list[str], policy: s3io.RetryPolicy, io_timeout: float, kind: str = "images") -> list[ShardRef]:
+    """The shards of all datasets in `urls`, in order; a dataset without a manifest, or of another
+    `kind` than asked for (manifest options.format), is refused."""
     if not urls:
         raise ValueError("ReaderConfig.urls is empty: name at least one dataset directory")
     shards = []
@@ -112,10 +126,18 @@ def load_shards(urls: list[str], policy: s3io.RetryPolicy, io_timeout: float) ->
             )
         text = s3io.read_object(fs, path, policy).decode("utf-8")
         manifest = schema.Manifest.from_json(text, where=storage.redact(manifest_url))
+        _check_kind(manifest.options, kind, url)
         shards += [ShardRef(storage.join(url, s.name), s.num_samples, s.bytes) for s in manifest.shards]
     if sum(s.num_samples for s in shards) == 0:
         raise ValueError(f"datasets {[storage.redact(u) for u in urls]} hold no samples")
     return shards
+
+
+def _check_kind(options: dict, kind: str, url: str) -> None:
+    found = "tokens" if token_format.is_token_dataset(options) else "images"
+    if found != kind:
+        raise ValueError(f"{storage.redact(url)} holds {found} (manifest options.format {options.get('format')!r}) "
+                         f"but ReaderConfig.kind is {kind!r}; set kind: {found} or name a dataset of {kind}")
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -160,6 +182,8 @@ class ShardSource:
         self._config = config
         self._policy = config.retry_policy()
         self._filesystems: dict = {}  # one client per protocol per process: creating one costs ~0.1 s
+        # the members a sample of this kind is made of (others are skipped unread)
+        self._exts = frozenset(token_format.MEMBERS) if config.kind == "tokens" else s3io.IMAGE_SAMPLE_EXTS
 
     def _open(self, url: str):
         protocol = url.split("://", 1)[0] if "://" in url else "file"
@@ -184,7 +208,7 @@ class ShardSource:
         ref = self._shards[shard]
         fs, path = self._open(ref.url)
         with s3io.ChunkedReader(fs, path, ref.num_bytes, self._policy, self._config.read_block_bytes) as reader:
-            stream = s3io.iter_shard(reader, set(indices), max(indices))
+            stream = s3io.iter_shard(reader, set(indices), max(indices), self._exts)
             for sample_id, index in zip(run_ids, indices):
                 try:
                     got = next(stream, None)
@@ -243,6 +267,44 @@ def decode_sample(key: str | None, members: dict | None, resolution: int) -> tup
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
         return "bad_image", ()
     return None, (image, caption, key)
+
+
+def decode_token_sample(key: str | None, members: dict | None) -> tuple[str | None, tuple]:
+    """(bad reason or None, (token sample dict, key)) for one sample of a token dataset."""
+    if members is None:
+        return "missing_sample", ()
+    if any(ext not in members for ext in token_format.MEMBERS):
+        return "missing_tokens", ()
+    try:
+        sample = token_format.read_token_sample(members)
+    except (ValueError, OSError, EOFError, KeyError, TypeError):  # bad npy, json, caption or shape
+        return "bad_tokens", ()
+    return None, (sample, key)
+
+
+def collate_images(goods: list[tuple]) -> dict:
+    """(image, caption, key) samples -> {"image": uint8 (B, 3, H, W) channels_last, "caption", "key"}."""
+    images = [g[0] for g in goods]
+    # Filled straight into shared memory (a DataLoader worker would otherwise copy it there), and
+    # (B, 3, H, W) as a view of the (B, H, W, 3) buffer: channels_last layout, no transpose copy.
+    buffer = _batch_buffer((len(images), *images[0].shape), shared=get_worker_info() is not None)
+    np.stack(images, out=buffer.numpy())
+    return {"image": buffer.permute(0, 3, 1, 2), "caption": [g[1] for g in goods], "key": [g[2] for g in goods]}
+
+
+def collate_tokens(goods: list[tuple]) -> dict:
+    """(token sample, key) pairs -> the t2i stage's inputs: idx (B, L) long (scales concatenated),
+    frest (B, l_last, Cvae), context (B, T, D) float32, context_mask / context_position_ids (B, T) long."""
+    samples = [g[0] for g in goods]
+    return {
+        "idx": torch.stack([torch.cat(s["idx_Bl"]) for s in samples]),
+        "frest": torch.stack([s["frest"] for s in samples]),
+        "context": torch.stack([s["context"] for s in samples]),
+        "context_mask": torch.stack([s["mask"] for s in samples]),
+        "context_position_ids": torch.stack([s["position_ids"] for s in samples]),
+        "caption": [s["caption"] for s in samples],
+        "key": [g[1] for g in goods],
+    }
 
 
 def read_ahead(items: Iterator) -> Iterator:
@@ -314,29 +376,24 @@ def worker_batches(plan: planning.WorkerPlan, source: ShardSource, config: Reade
     counter = BadCounter(config.max_bad_fraction, config.min_samples_for_bad_check,
                          str([storage.redact(u) for u in config.urls]))
     samples = permuted_samples(plan, source)
-    res = config.resolution
+    if config.kind == "tokens":
+        decode, collate = decode_token_sample, collate_tokens
+    else:
+        decode, collate = functools.partial(decode_sample, resolution=config.resolution), collate_images
     for size in plan.sizes[plan.first_batch :].tolist():
         bad_before = Counter(counter.bad)
-        images, captions, keys = [], [], []
+        goods = []
         for _ in range(size):
-            reason, good = decode_sample(*next(samples), res)
+            reason, good = decode(*next(samples))
             counter.record(reason)
             if good:
-                images.append(good[0])
-                captions.append(good[1])
-                keys.append(good[2])
-        if not images:
+                goods.append(good)
+        if not goods:
             raise TooManyBadSamplesError(
                 f"a whole batch of {size} samples was bad ({dict(counter.bad - bad_before)}) in datasets "
                 f"{counter.dataset}; fix or re-shard the data"
             )
-        # Filled straight into shared memory (a DataLoader worker would otherwise copy it there), and
-        # (B, 3, H, W) as a view of the (B, H, W, 3) buffer: channels_last layout, no transpose copy.
-        buffer = _batch_buffer((len(images), res, res, 3), shared=get_worker_info() is not None)
-        np.stack(images, out=buffer.numpy())
-        image = buffer.permute(0, 3, 1, 2)
-        yield {"image": image, "caption": captions, "key": keys, "epoch": epoch,
-               "_bad_delta": dict(counter.bad - bad_before)}
+        yield {**collate(goods), "epoch": epoch, "_bad_delta": dict(counter.bad - bad_before)}
 
 
 class EpochDataset(IterableDataset):
@@ -360,6 +417,14 @@ class EpochDataset(IterableDataset):
         return worker_batches(plan, ShardSource(self.shards, self.config), self.config, self.epoch)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the trainer: launchers and schedulers signal whole process trees
+    (DeepSpeed's launcher, Slurm, Kubernetes), and a worker dying there would break the batch stream
+    before the trainer's preemption checkpoint. Workers still exit with their parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class StreamingReader:
     """Batches of one rank, infinite across epochs, with a small global resume state."""
 
@@ -367,7 +432,7 @@ class StreamingReader:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
         self.config, self.rank, self.world_size = config, rank, world_size
-        self.shards = load_shards(config.urls, config.retry_policy(), config.io_timeout)
+        self.shards = load_shards(config.urls, config.retry_policy(), config.io_timeout, config.kind)
         self._counts = np.array([s.num_samples for s in self.shards], dtype=np.int64)
         self._epoch = 0
         self._segments: list[planning.Segment] = []
@@ -453,7 +518,7 @@ class StreamingReader:
                                            self.config.shuffle_window)
         dataset = EpochDataset(self.shards, self.config, remaining, self._segments[-1], seg_index, epoch, self.rank)
         workers = self.config.num_workers
-        loader = DataLoader(dataset, batch_size=None, num_workers=workers,
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=_ignore_stop_signals,
                             prefetch_factor=self.config.prefetch_factor if workers else None)
         for batch in loader:
             seg = self._segments[-1]

@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover
     _aiohttp = None
 
 
-_KEPT_EXTS = set(schema.IMAGE_EXTS) | {schema.CAPTION_EXT, schema.META_EXT}
+IMAGE_SAMPLE_EXTS = frozenset(schema.IMAGE_EXTS) | {schema.CAPTION_EXT, schema.META_EXT}
 
 
 class StorageReadError(OSError):
@@ -293,16 +293,17 @@ def iter_tar(f, want: Callable[[str], bool]) -> Iterator[tuple[str, bytes | None
         yield name, data
 
 
-def iter_shard(fileobj, wanted: set[int], last: int) -> Iterator[tuple[int, str, dict]]:
+def iter_shard(fileobj, wanted: set[int], last: int, exts=IMAGE_SAMPLE_EXTS) -> Iterator[tuple[int, str, dict]]:
     """(index, key, {ext: bytes}) for the samples of a tar whose index is in `wanted`, in stored
-    order; members of unwanted samples are skipped unread, and reading stops after index `last`."""
+    order; members of unwanted samples, and members whose extension is not in `exts` (default: an
+    image sample's), are skipped unread, and reading stops after index `last`."""
     current = [-1, None]  # index and key of the member iter_tar is looking at
 
     def want(name: str) -> bool:
         key, ext = schema.split_key(name)
         if key != current[1]:
             current[0], current[1] = current[0] + 1, key
-        return current[0] in wanted and ext in _KEPT_EXTS
+        return current[0] in wanted and ext in exts
 
     index, key, members = -1, None, {}
     try:

@@ -61,7 +61,8 @@ def run_dir_of(cfg: RunConfig) -> str:
 
 
 def _rng_state(stage) -> dict:
-    return {"torch": torch.get_rng_state(), "stage": stage.generator.get_state()}
+    """Per-rank RNG streams plus the stage's own state (e.g. the dead-code tracker; tensors only)."""
+    return {"torch": torch.get_rng_state(), "stage": stage.generator.get_state(), "stage_state": stage.state_dict()}
 
 
 def _restore_rng(stage, state: dict | None, cfg: RunConfig, step: int) -> None:
@@ -137,9 +138,9 @@ def _load(engine, cfg, resume, reader, ema, stage) -> int:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {resume}")
     step = int(meta["step"])
     reader_state, rng_state = ckpt.load_rank_files(resume, D.rank())
-    if reader_state is None:  # more ranks than before: the reader state is global, take rank 0's
-        reader_state, _ = ckpt.load_rank_files(resume, 0)
-    reader.load_state_dict(reader_state)
+    rank0_reader, rank0_rng = ckpt.load_rank_files(resume, 0)
+    reader.load_state_dict(reader_state or rank0_reader)  # global state: any rank's copy will do
+    stage.load_state_dict(rank0_rng["stage_state"])  # the stage's state is global too
     if ema is not None:
         state = ckpt.load_ema(resume)
         if state is None:

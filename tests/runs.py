@@ -9,9 +9,14 @@ TOKENIZER_CONFIG = "configs/tokenizer_vq_tiny.yaml"
 
 
 def tokenizer_overrides(data: str, out: Path, name: str, *extra: str) -> list[str]:
-    """12 steps, a checkpoint every 4, one log line per step, the GAN from step 6."""
+    """12 steps, a checkpoint every 4, one log line per step, the GAN from step 6, dead-code restarts.
+
+    Small shuffle windows and 8 KiB reads keep the reader fetching throughout the run (with the
+    config's window, a rank's first window already holds every sample 12 steps use), so S3 faults
+    injected mid-run really hit reads."""
     return [f"data.urls=[{data}]", f"run.out_dir={out}", f"run.name={name}", "run.max_steps=12",
             "run.save_every=4", "run.keep_last=5", "run.log_every=1", "tokenizer.loss.disc_start_step=6",
+            "tokenizer.loss.dead_code_steps=3", "data.shuffle_window=16", "data.read_block_bytes=8192",
             f"tokenizer.eval_url={data}", "tokenizer.eval_samples=16", *extra]
 
 
@@ -31,3 +36,13 @@ def assert_same_losses(got_dir: Path, ref_dir: Path, keys=("loss", "recon", "vq"
     for step in sorted(ref):
         for key in keys:
             assert got[step][key] == ref[step][key], (step, key, got[step][key], ref[step][key])
+
+
+def assert_no_secret_in(run_dir: Path, *secrets: str) -> None:
+    """No file the run wrote (logs, configs, checkpoints, wandb's offline files) holds a credential."""
+    files = [p for p in Path(run_dir).rglob("*") if p.is_file()]
+    assert files
+    for p in files:
+        data = p.read_bytes()
+        for secret in secrets:
+            assert secret.encode() not in data, f"{secret!r} leaked into {p}"

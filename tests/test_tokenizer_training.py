@@ -2,7 +2,7 @@
 
 One uninterrupted 2-rank run is the reference (module-scoped, reused by the tests below):
 * the reconstruction loss falls;
-* a run SIGKILLed mid-way and re-run with the same command continues bit for bit;
+* (a run SIGKILLed mid-way and re-run with the same command continues bit for bit: tests/test_faults.py);
 * a 2-rank checkpoint resumes on 1 rank (universal conversion, reader re-planned);
 * tokenizer-hybrid starts from it, keeps encoder and codebook frozen, and trains the decoder.
 """
@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from procs import check, kill_group, run_train, start_train, wait_for
+from procs import check, run_train
 from runs import TOKENIZER_CONFIG as CONFIG
 from runs import losses
 from runs import tokenizer_overrides as overrides
@@ -36,6 +35,8 @@ def test_vq_stage_trains_and_logs(reference):
     last = sum(steps[s]["recon"] for s in (11, 12)) / 2
     assert last < 0.8 * first, (first, last)
     assert steps[12]["gan_weight"] > 0 and "gan_g" not in steps[5]  # the GAN starts at step 6
+    assert sum(steps[s].get("dead_codes_restarted", 0) for s in steps) > 0  # codes unused for 3 steps restart
+    assert steps[12]["codebook/used_fraction"] > 0
     ckpts = sorted(p.name for p in (reference / "ckpt").iterdir() if p.name.startswith("step_"))
     assert ckpts == ["step_00000004", "step_00000008", "step_00000012"]
     for c in ckpts:
@@ -46,22 +47,6 @@ def test_vq_stage_trains_and_logs(reference):
     assert evals and evals[-1]["eval/psnr_continuous"] > 5
     assert list((reference / "images").glob("reconstruction_step*.png"))
     assert (reference / "wandb_id.txt").exists()
-
-
-def test_killed_run_resumes_bit_for_bit(reference, emoji_dataset, tmp_path):
-    args = overrides(emoji_dataset, tmp_path, "killed")
-    proc = start_train(CONFIG, args, nproc=2)
-    wait_for(tmp_path / "killed" / "ckpt" / "step_00000004" / "COMPLETE", proc)
-    kill_group(proc)
-    check(run_train(CONFIG, args, nproc=2))
-    ref, got = losses(reference), losses(tmp_path / "killed")
-    assert sorted(got) == sorted(ref)
-    for step in range(1, 13):
-        for key in ("loss", "recon", "vq"):
-            assert got[step][key] == ref[step][key], (step, key, got[step][key], ref[step][key])
-    ref_w = load_file(reference / "ckpt" / "step_00000012" / "model.safetensors")
-    got_w = load_file(tmp_path / "killed" / "ckpt" / "step_00000012" / "model.safetensors")
-    assert all((ref_w[k] == got_w[k]).all() for k in ref_w)
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(reference, emoji_dataset, tmp_path):

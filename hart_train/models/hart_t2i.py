@@ -407,7 +407,7 @@ class HARTForT2I(nn.Module):
         (released: unguided in the corner case t == 1.0); `top_k` is honoured (released: ignored); the last
         scale is one pass (released `num_maskgit_iters=1`, the only value it uses).
         """
-        c, S, V = self.config, self.num_scales, self.config.vocab_size
+        c, S = self.config, self.num_scales
         B = context.shape[0]
         pos = positions_from_mask(context_mask) if context_position_ids is None else context_position_ids
         mask_u = torch.zeros_like(context_mask)

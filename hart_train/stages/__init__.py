@@ -3,7 +3,8 @@
 A stage object provides: `build_model()` (a module whose forward(inputs) returns loss terms with the
 total under "loss"), `load_init(module, path)`, `make_reader(rank, world_size)`, `prepare(batch, device,
 step)`, `batch_size(batch)`, `after_step(module, outputs, step)`, `log_values()`, `evaluate(module, ema,
-step)`, `images(module, ema, step)` and a `generator` (torch.Generator, checkpointed with the run).
+step)`, `images(module, ema, step)`, `state_dict()` / `load_state_dict()` (tensors and plain values,
+global across ranks) and a `generator` (torch.Generator, checkpointed with the run).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import os
 
 from data_tools import schema, storage
 from data_tools.encode import tokenizer_checkpoint_config
-from data_tools.text_encoder import model_directory
+from data_tools.text_encoder import model_directory, resolve_kind
+from data_tools.token_format import file_sha256, is_token_dataset
 from hart_train.config import ConfigError
 from hart_train.stages.t2i_stage import T2IStage
 from hart_train.stages.tokenizer_stage import TokenizerStage
@@ -35,10 +37,22 @@ def _check_dataset(url: str, key: str) -> None:
         raise FileNotFoundError(f"{key}: {url} has no {schema.MANIFEST_NAME} (not a complete hart-data dataset)")
 
 
+def _manifest_options(url: str) -> dict:
+    text = storage.read_text(storage.join(url, schema.MANIFEST_NAME))
+    return schema.Manifest.from_json(text, where=storage.redact(url)).options
+
+
 def validate_paths(cfg) -> None:
-    """Every path the run needs exists, checked before anything is allocated; errors name the key."""
+    """Every path the run needs exists, checked before anything is allocated; errors name the key.
+    A dataset of the other kind than `data.kind`, and token shards that do not match the run (see
+    `_check_tokens`), are refused here too."""
     for i, url in enumerate(cfg.data.urls):
         _check_dataset(url, f"data.urls[{i}]")
+        found = "tokens" if is_token_dataset(_manifest_options(url)) else "images"
+        if found != cfg.data.kind:
+            raise ConfigError(f"data.kind: {cfg.data.kind!r}, but data.urls[{i}] ({storage.redact(url)}) holds {found}")
+    if cfg.data.kind == "tokens" and cfg.stage != "t2i":
+        raise ConfigError(f"data.kind: the {cfg.stage} stage trains on images; token shards feed only the t2i stage")
     if cfg.run.init_from and not os.path.exists(os.path.join(cfg.run.init_from, "model.safetensors")):
         raise FileNotFoundError(f"run.init_from: {cfg.run.init_from} has no model.safetensors (not a checkpoint directory)")
     if cfg.stage.startswith("tokenizer"):
@@ -77,6 +91,31 @@ def _validate_t2i(cfg) -> None:
     hidden = _hidden_size(os.path.join(text_dir, "config.json"))
     if hidden is not None and hidden != m.context_dim:
         raise ConfigError(f"t2i.model.context_dim: {m.context_dim} does not match the text encoder's hidden size {hidden}")
+    if cfg.data.kind == "tokens":
+        ours = {"t2i.tokenizer_ckpt": file_sha256(os.path.join(t.tokenizer_ckpt, "model.safetensors")),
+                "t2i.text_encoder.kind": resolve_kind(t.text_encoder.kind, text_dir)}
+        for i, url in enumerate(cfg.data.urls):
+            _check_tokens(cfg, _manifest_options(url), f"data.urls[{i}]", ours)
+
+
+def _check_tokens(cfg, options: dict, where: str, ours: dict) -> None:
+    """Token shards must come from this run's tokenizer weights (sha256 of its model.safetensors) and
+    text encoder settings, and match the model's schedule and context width: tokens from another
+    tokenizer, or embeddings of another length or width, would train silently on the wrong inputs."""
+    t, text = cfg.t2i, options.get("text_encoder", {})
+    pairs = [
+        ("t2i.tokenizer_ckpt", "tokenizer weights sha256", ours["t2i.tokenizer_ckpt"], options.get("tokenizer_sha256")),
+        ("t2i.model.patch_nums", "patch_nums", _plain(t.model.patch_nums), _plain(options.get("patch_nums"))),
+        ("t2i.text_encoder.kind", "text encoder kind", ours["t2i.text_encoder.kind"], text.get("resolved_kind")),
+        ("t2i.text_encoder.max_length", "text encoder max_length", t.text_encoder.max_length, text.get("max_length")),
+        ("t2i.text_encoder.use_system_prompt", "text encoder system prompt", t.text_encoder.use_system_prompt,
+         text.get("use_system_prompt")),
+        ("t2i.model.context_dim", "text encoder hidden size", t.model.context_dim, text.get("hidden_size")),
+    ]
+    for key, what, run_value, stored in pairs:
+        if run_value != stored:
+            raise ConfigError(f"{key}: the token shards in {where} were encoded with {what} {stored!r}, "
+                              f"this run has {run_value!r}; re-encode them with `hart-data encode` or fix {key}")
 
 
 def _plain(v):

@@ -7,6 +7,14 @@ indices, teacher-forcing input, last-scale residual, text embeddings). The next 
 resolution starts from this one's `model.safetensors` (`run.init_from`): 2D RoPE and the sinusoidal
 level embedding make the weights independent of the schedule length.
 
+With `data.kind: tokens` the batches are `hart-data encode` token shards (indices, last-scale
+residual, text embeddings; `validate_paths` has checked they come from this run's tokenizer weights and
+text encoder settings): `prepare` only splits the indices per scale and runs
+`tokenizer.idxBl_to_var_input` (embedding lookups and interpolation; the tokenizer's encoder never
+runs). The tokenizer is still loaded, for that codebook and for decoding sample grids. The text encoder
+is then built lazily, the first time a sample grid needs the prompts encoded (never, with no
+`sample_prompts`); with image data it is built up front, so a broken text encoder fails before step 1.
+
 `head_only` freezes everything but the diffusion head (`diffloss.*`): one config flag, no new code.
 Sample grids during training use the raw (not EMA) weights, since swapping EMA weights into a ZeRO-3
 module would need a gather of the whole model; `hart-sample` uses the EMA weights.
@@ -35,8 +43,14 @@ class T2IStage:
         self.device = torch.device(cfg.run.device)
         self.generator = torch.Generator(device=self.device)
         self.tokenizer = load_tokenizer(self.stage_cfg.tokenizer_ckpt).to(self.device)
-        self.text_encoder = TextEncoder(self.stage_cfg.text_encoder)
+        self._text_encoder = TextEncoder(self.stage_cfg.text_encoder) if cfg.data.kind == "images" else None
         self._log: dict = {}
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        if self._text_encoder is None:
+            self._text_encoder = TextEncoder(self.stage_cfg.text_encoder)
+        return self._text_encoder
 
     def build_model(self) -> nn.Module:
         model = HARTForT2I(self.stage_cfg.model)
@@ -56,17 +70,24 @@ class T2IStage:
 
     @torch.no_grad()
     def prepare(self, batch: dict, device, step: int) -> dict:
-        img = to_unit_range(batch["image"]).to(device)
-        idx_Bl, f_rest = self.tokenizer.img_to_idxBl_and_frest(img)
+        if self.cfg.data.kind == "tokens":
+            idx_BL = batch["idx"].to(device)
+            idx_Bl = list(idx_BL.split([pn * pn for pn in self.stage_cfg.model.patch_nums], dim=1))
+            f_rest = batch["frest"].to(device)
+            context, mask = batch["context"].to(device), batch["context_mask"].to(device)
+            pos = batch["context_position_ids"].to(device)
+        else:
+            img = to_unit_range(batch["image"]).to(device)
+            idx_Bl, f_rest = self.tokenizer.img_to_idxBl_and_frest(img)
+            context, mask, pos = self.text_encoder.encode(batch["caption"], device)
         x_wo_first = self.tokenizer.idxBl_to_var_input(idx_Bl)
-        context, mask, pos = self.text_encoder.encode(batch["caption"], device)
         return {"context": context.float(), "context_mask": mask, "x_BLCv_wo_first_l": x_wo_first,
                 "gt_idx": idx_Bl, "f_rest_last": f_rest, "codebook": self.tokenizer.quantize.embedding.weight,
                 "context_position_ids": pos, "generator": self.generator}
 
     @staticmethod
     def batch_size(batch: dict) -> int:
-        return int(batch["image"].shape[0])
+        return len(batch["key"])  # both kinds of batch list their samples' keys
 
     def after_step(self, module: nn.Module, outputs: dict, step: int) -> None:
         per_scale = torch.stack([outputs["ce_per_scale"].detach().float(), outputs["acc_per_scale"].detach().float()])
@@ -78,6 +99,12 @@ class T2IStage:
 
     def log_values(self) -> dict:
         return self._log
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def evaluate(self, module: nn.Module, ema, step: int) -> dict:
         return {}

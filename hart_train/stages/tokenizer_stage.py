@@ -142,7 +142,9 @@ class TokenizerStage:
         codebook = module.vae.quantize.embedding.weight
         full = zero_utils.full_param(codebook)
         dead_idx = torch.nonzero(dead).flatten()
-        rows = torch.randint(latents.shape[0], (dead_idx.numel(),), generator=self.generator)
+        # identical on every rank (rank 0's latents, a generator seeded by (seed, step)): one codebook
+        same_everywhere = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + step)
+        rows = torch.randint(latents.shape[0], (dead_idx.numel(),), generator=same_everywhere)
         full[dead_idx] = latents[rows]
         zero_utils.set_full_param(codebook, full, reset_rows=dead_idx)
         self.dead_codes.steps_since_hit_V[dead] = 0
@@ -150,6 +152,13 @@ class TokenizerStage:
 
     def log_values(self) -> dict:
         return self._log
+
+    def state_dict(self) -> dict:
+        return self.dead_codes.state_dict() if self.dead_codes is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.dead_codes is not None and state:
+            self.dead_codes.load_state_dict(state)
 
     # -------------------------------------------------------------- evaluation and images
     def _eval_data(self) -> list:
