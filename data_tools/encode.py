@@ -78,9 +78,15 @@ def tokenizer_checkpoint_config(ckpt_dir: str) -> TokenizerConfig:
         raise ValueError(f"{path / 'config.yaml'}: tokenizer.model is not a TokenizerConfig ({e})") from None
 
 
-def load_tokenizer(ckpt_dir: str) -> HARTAutoEncoder:
-    """HARTAutoEncoder from a checkpoint dir (the `vae.*` weights of model.safetensors, strict); eval, frozen."""
+def load_tokenizer(ckpt_dir: str, patch_nums: tuple[int, ...] | None = None) -> HARTAutoEncoder:
+    """HARTAutoEncoder from a checkpoint dir (the `vae.*` weights of model.safetensors, strict); eval, frozen.
+
+    `patch_nums` runs the same weights on another scale schedule (the tokenizer is convolutional; only
+    the Phi assignment and the usage buffer depend on the number of scales), so one tokenizer serves
+    the 256, 512 and 1024px stages."""
     cfg = tokenizer_checkpoint_config(ckpt_dir)
+    if patch_nums is not None:
+        cfg = dataclasses.replace(cfg, patch_nums=tuple(patch_nums))
     state = load_weights_file(Path(ckpt_dir) / "model.safetensors")
     vae_state = {k[len("vae.") :]: v for k, v in state.items() if k.startswith("vae.")}
     if not vae_state:

@@ -66,6 +66,6 @@ def load_pipeline(ckpt_dir: str, use_ema: bool = True, device: str = "cpu") -> P
     if use_ema and os.path.exists(ema_path):
         state.update(load_file(ema_path))  # EMA covers the trainable parameters; frozen ones are in model
     load_official_state_dict(model, state, strict=True)
-    tokenizer = load_tokenizer(section["tokenizer_ckpt"]).to(device)
+    tokenizer = load_tokenizer(section["tokenizer_ckpt"], patch_nums=model.config.patch_nums).to(device)
     text_encoder = TextEncoder(TextEncoderConfig(**section["text_encoder"]))
     return Pipeline(model.to(device).eval().requires_grad_(False), tokenizer, text_encoder)

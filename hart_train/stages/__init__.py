@@ -79,8 +79,10 @@ def _validate_t2i(cfg) -> None:
         tok = tokenizer_checkpoint_config(t.tokenizer_ckpt)
     except (FileNotFoundError, ValueError) as e:
         raise type(e)(f"t2i.tokenizer_ckpt: {e}") from None
-    pairs = [("t2i.model.patch_nums", m.patch_nums, tok.patch_nums), ("t2i.model.Cvae", m.Cvae, tok.z_channels),
-             ("t2i.model.vocab_size", m.vocab_size, tok.vocab_size), ("data.resolution", cfg.data.resolution, tok.image_size)]
+    # the tokenizer runs on the stage's schedule (one tokenizer serves every resolution)
+    size = tok.downsample * m.patch_nums[-1]
+    pairs = [("t2i.model.Cvae", m.Cvae, tok.z_channels), ("t2i.model.vocab_size", m.vocab_size, tok.vocab_size),
+             ("data.resolution", cfg.data.resolution, size)]
     for key, ours, theirs in pairs:
         if _plain(ours) != _plain(theirs):
             raise ConfigError(f"{key}: {ours} does not match the tokenizer checkpoint ({theirs})")

@@ -42,7 +42,8 @@ class T2IStage:
         self.stage_cfg = cfg.t2i
         self.device = torch.device(cfg.run.device)
         self.generator = torch.Generator(device=self.device)
-        self.tokenizer = load_tokenizer(self.stage_cfg.tokenizer_ckpt).to(self.device)
+        self.tokenizer = load_tokenizer(self.stage_cfg.tokenizer_ckpt, patch_nums=self.stage_cfg.model.patch_nums)
+        self.tokenizer.to(self.device)
         self._text_encoder = TextEncoder(self.stage_cfg.text_encoder) if cfg.data.kind == "images" else None
         self._log: dict = {}
 
