@@ -91,9 +91,13 @@ def build(cfg, model: nn.Module, ds_config: dict):
     groups = param_groups(model.named_parameters(), o.weight_decay)
     if not groups:
         raise ValueError("the stage has no trainable parameters (check which modules it freezes)")
-    optimizer = torch.optim.AdamW(
-        groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=cfg.run.device == "cuda"
-    )
+    if cfg.zero.offload_optimizer:  # ZeRO-Offload steps on the CPU: DeepSpeed's vectorised CPU AdamW
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                      fused=cfg.run.device == "cuda")
     total = cfg.run.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, o.warmup_steps, total, o.schedule, o.min_lr_ratio)
