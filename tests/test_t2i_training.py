@@ -94,3 +94,16 @@ def test_hart_sample_makes_distinct_images(reference, tmp_path):
     assert again.returncode == 0
     assert (np.asarray(Image.open(out)) == grid).all()  # same seed, same picture
     assert not (grid[:16] == grid[16:]).all()  # different prompts, different rows
+
+
+def test_head_only_trains_only_the_diffusion_head(emoji_dataset, tokenizer_ckpt, tmp_path):
+    from hart_train import config as C
+    from hart_train.run_config import RunConfig
+    from hart_train.stages import make_stage
+
+    cfg = C.load(RunConfig, str(REPO / CONFIG), overrides(emoji_dataset, tmp_path, "head", tokenizer_ckpt,
+                                                            "t2i.head_only=true"))
+    model = make_stage(cfg).build_model()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("diffloss.") for n in trainable)
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("diffloss.")}
