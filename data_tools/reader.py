@@ -40,6 +40,7 @@ import functools
 import io
 import itertools
 import json
+import os
 import signal
 import threading
 from collections import Counter
@@ -437,6 +438,7 @@ class StreamingReader:
         self._epoch = 0
         self._segments: list[planning.Segment] = []
         self._bad: Counter = Counter()
+        self._batches = None  # the live DataLoader iterator, for close()
 
     @property
     def num_samples(self) -> int:
@@ -510,6 +512,21 @@ class StreamingReader:
         while True:
             yield from self._epoch_batches()
 
+    def close(self) -> None:
+        """Stop the data workers now, on every exit path of the trainer. They ignore SIGTERM (see
+        `_ignore_stop_signals`), so the interpreter's exit-time terminate() could not end them. The
+        DataLoader iterator's own shutdown asks them to stop and stops watching their pids; any worker
+        still alive after it is killed. Workers hold no state worth keeping (it lives in this process)."""
+        batches, self._batches = self._batches, None
+        workers = list(getattr(batches, "_workers", []))  # torch's multi-process iterator keeps them here
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        for w in workers:
+            if w.is_alive():
+                os.kill(w.pid, signal.SIGKILL)
+                w.join(timeout=10)
+
     def _epoch_batches(self) -> Iterator[dict]:
         self._roll_epoch_if_done()
         self._open_segment()
@@ -520,7 +537,8 @@ class StreamingReader:
         workers = self.config.num_workers
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=_ignore_stop_signals,
                             prefetch_factor=self.config.prefetch_factor if workers else None)
-        for batch in loader:
+        self._batches = iter(loader)
+        for batch in self._batches:
             seg = self._segments[-1]
             self._segments[-1] = replace(seg, steps=seg.steps + 1)
             self._bad.update(batch.pop("_bad_delta"))

@@ -140,7 +140,7 @@ def _load(engine, cfg, resume, reader, ema, stage) -> int:
     reader_state, rng_state = ckpt.load_rank_files(resume, D.rank())
     rank0_reader, rank0_rng = ckpt.load_rank_files(resume, 0)
     reader.load_state_dict(reader_state or rank0_reader)  # global state: any rank's copy will do
-    stage.load_state_dict(rank0_rng["stage_state"])  # the stage's state is global too
+    stage.load_state_dict(rank0_rng.get("stage_state", {}))  # global too; absent in checkpoints without one
     if ema is not None:
         state = ckpt.load_ema(resume)
         if state is None:
@@ -214,6 +214,7 @@ def train(cfg: RunConfig, stage) -> TrainResult:
     try:
         return _loop(cfg, stage, engine, ema, reader, logger, device, run_dir, root, step)
     finally:
+        reader.close()
         logger.close()
 
 
