@@ -19,6 +19,8 @@ done
 PY=${HART_PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 DEVICE=${HART_DEVICE:-$(command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)}
 export DS_ACCELERATOR=$DEVICE WANDB_MODE=${WANDB_MODE:-offline}
+# DeepSpeed's JIT-built ops, cached per Python environment (another venv sharing ~/.cache would rebuild them)
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$("$PY" -c 'import sys; print(sys.prefix)')/torch_extensions}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 [ "$DEVICE" = cuda ] && export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 [ -n "${HART_RUN_ROOT:-}" ] && TRAIN_ARGS+=(--set "run.out_dir=$HART_RUN_ROOT")

@@ -42,6 +42,8 @@ else
 fi
 
 export DS_ACCELERATOR=$DEVICE
+# DeepSpeed's JIT-built ops, cached per Python environment (another venv sharing ~/.cache would rebuild them)
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$("$PY" -c 'import sys; print(sys.prefix)')/torch_extensions}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / RANKS_PER_NODE > 0 ? $(nproc) / RANKS_PER_NODE : 1 ))}
 export WANDB_MODE=${WANDB_MODE:-offline}
 if [ "$DEVICE" = cpu ]; then

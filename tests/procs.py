@@ -33,6 +33,9 @@ def env() -> dict:  # the environment a user-run launcher would give the ranks
     e = dict(os.environ)
     e.update(DS_ACCELERATOR="cpu", WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
              PYTHONWARNINGS="ignore")
+    # DeepSpeed JIT-builds a comm op once per environment: keep the build beside this venv, so that
+    # another venv sharing ~/.cache cannot invalidate it (each rebuild costs 20-90 s per process start)
+    e.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     return e
 
 
