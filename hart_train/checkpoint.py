@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -105,12 +106,23 @@ def save(engine, root: str, step: int, meta: dict, reader_state: dict, rng_state
         _write_json(os.path.join(path, "meta.json"), {**meta, "schema": CKPT_SCHEMA, "step": step,
                                                        "world_size": D.world_size()})
     D.barrier()
+    _fault_hold(step)
     if D.is_main():
         with open(os.path.join(path, COMPLETE), "w") as f:
             f.write(f"{step}\n")
         prune(root, keep_last)
     D.barrier()
     return path
+
+
+def _fault_hold(step: int) -> None:
+    """Fault injection for tests: HART_FAULT_HOLD_CHECKPOINT="STEP:SECONDS" keeps the checkpoint of STEP
+    written but unmarked for SECONDS, so a test can kill the run inside that window deterministically."""
+    spec = os.environ.get("HART_FAULT_HOLD_CHECKPOINT")
+    if spec:
+        hold_step, seconds = spec.split(":")
+        if int(hold_step) == step:
+            time.sleep(float(seconds))
 
 
 def ensure_universal(path: str) -> str:

@@ -70,7 +70,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(emoji_dataset, tokenizer_r
 def test_kill_during_checkpoint_write_resumes_from_the_previous_one(emoji_dataset, tokenizer_reference, tmp_path):
     args = tokenizer_overrides(emoji_dataset, tmp_path, "midsave")
     ckpt = tmp_path / "midsave" / "ckpt"
-    ranks = start_ranks(TOKENIZER_CONFIG, args)
+    # the save of step 8 is held open before COMPLETE for 60 s, so the kill lands inside it however fast
+    # the machine is (the hold only widens the window; the kill comes as soon as the directory appears)
+    ranks = start_ranks(TOKENIZER_CONFIG, args, extra_env={"HART_FAULT_HOLD_CHECKPOINT": "8:60"})
     wait_for(ckpt / "step_00000008", ranks[0])  # the save of step 8 has begun
     for p in ranks:
         os.kill(p.pid, signal.SIGKILL)
