@@ -21,10 +21,21 @@ import fsspec
 from fsspec.core import url_to_fs
 
 
+def _s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
 def get_fs(url: str):
-    """(filesystem, path) for a URL or local path."""
-    fs, path = url_to_fs(url)
-    return fs, path
+    """(filesystem, path) for a URL or local path.
+
+    fsspec caches filesystem objects by their arguments, and an S3 client reads its endpoint from the
+    environment once, when created: so the endpoint is passed explicitly, which makes it part of the
+    cache key. Otherwise a process whose AWS_ENDPOINT_URL changes (a test, the demo's local server)
+    would keep talking to the old endpoint."""
+    endpoint = _s3_endpoint() if url.startswith(("s3://", "s3a://")) else None
+    if endpoint:
+        return url_to_fs(url, client_kwargs={"endpoint_url": endpoint})
+    return url_to_fs(url)
 
 
 def is_local(url: str) -> bool:

@@ -30,7 +30,7 @@ from data_helpers import (
     write_folder,
 )
 
-from data_tools import cli, schema, shard, sources, verify
+from data_tools import cli, schema, shard, sources, storage, verify
 from data_tools.shard import shard_dataset
 
 HAS_EMOJI = os.path.exists(sources.EMOJI_FONT) and os.path.exists(sources.EMOJI_NAMES)
@@ -99,7 +99,7 @@ def test_emoji_round_trip(tmp_path, request, where):
     assert rc == 0
     manifest = verify.load_manifest(out)
     assert manifest.num_samples == 64 and [s.num_samples for s in manifest.shards] == [40, 24]
-    fs, path = fsspec.core.url_to_fs(out)
+    fs, path = storage.get_fs(out)
     first = read_shard(fs.cat_file(path + "/shard-000000.tar"))["000000_000000"]
     assert first["txt"] == b"grinning face"
     meta = _meta(first)
@@ -386,7 +386,7 @@ def test_hard_crash_mid_shard_leaves_no_partial_dataset(tmp_path, request, where
     proc = subprocess.run([sys.executable, "-c", _CRASH_SCRIPT, "shard", args[0], f"{base}/crashed", *args[1:]],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 3, proc.stderr
-    fs, path = fsspec.core.url_to_fs(f"{base}/crashed")
+    fs, path = storage.get_fs(f"{base}/crashed")
     fs.invalidate_cache()
     names = {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
     assert {"shard-000000.tar", "shard-000001.stats.json"} <= names
@@ -406,3 +406,16 @@ def test_center_crop_never_rounds_past_the_image_edge():
 
     for w, h in [(392, 480), (480, 392), (257, 1000), (999, 256)]:
         assert resize(Image.new("RGB", (w, h)), 256, "center-crop").size == (256, 256)
+
+
+def test_s3_endpoint_change_takes_effect_in_process(s3_server, s3_bucket, monkeypatch):
+    """fsspec caches S3 clients; a client made for another endpoint must not be reused after a change."""
+    from data_tools import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    stale, _ = storage.get_fs(f"{s3_bucket}/x")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    storage.atomic_write_bytes(f"{s3_bucket}/x/probe", b"ok")
+    assert storage.read_bytes(f"{s3_bucket}/x/probe") == b"ok"
+    fresh, _ = storage.get_fs(f"{s3_bucket}/x")
+    assert fresh is not stale
