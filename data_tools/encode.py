@@ -33,7 +33,6 @@ Design decisions:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import sys
@@ -270,7 +269,7 @@ def _encode_shard(out: str, index: int, samples: Iterator, encoder: _ShardEncode
     skipped: dict[str, int] = {}
     num_samples = 0
     with storage.atomic_open(url) as f:
-        sink = _HashingSink(f)
+        sink = storage.HashingWriter(f)
         with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for batch in _good_batches(samples, encoder.size, batch_size, skipped, bar):
                 for name, data in encoder.members(*batch):
@@ -306,25 +305,6 @@ def _good_batches(samples: Iterator, size: int, batch_size: int, skipped: dict, 
             batch = ([], [], [])
     if batch[0]:
         yield batch
-
-
-class _HashingSink(io.RawIOBase):
-    """Counts and hashes what tarfile writes on its way to the file."""
-
-    def __init__(self, f):
-        self.f, self.hash, self.count = f, hashlib.sha256(), 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        self.f.write(b)
-        self.hash.update(b)
-        self.count += len(b)
-        return len(b)
-
-    def tell(self) -> int:
-        return self.count
 
 
 def _build_manifest(results: list[dict], options: dict) -> schema.Manifest:

@@ -314,29 +314,12 @@ def write_shard(job: ShardJob) -> dict:
     return stats
 
 
-class _HashingWriter(io.RawIOBase):
-    """File-like sink that hashes and counts what tarfile writes before passing it on."""
-
-    def __init__(self, f):
-        self.f, self.hash, self.count = f, hashlib.sha256(), 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        self.f.write(b)
-        self.hash.update(b)
-        self.count += len(b)
-        return len(b)
-
-    def tell(self) -> int:
-        return self.count
 
 
 def _write_tar(url: str, members: list[tuple[str, bytes]]) -> tuple[int, str]:
     """Write members as a reproducible tar to `url` atomically; returns (bytes, sha256 hex)."""
     with storage.atomic_open(url) as f:
-        sink = _HashingWriter(f)
+        sink = storage.HashingWriter(f)
         with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for name, data in members:
                 info = tarfile.TarInfo(name)

@@ -12,6 +12,8 @@ visible only when its (multipart) upload completes, and a failed write aborts th
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import os
 import re
 import uuid
@@ -105,6 +107,25 @@ def atomic_open(url: str) -> Iterator:
             f.discard()
         raise
     f.close()
+
+
+class HashingWriter(io.RawIOBase):
+    """File-like sink that sha256-hashes and counts what is written (e.g. by tarfile) on its way to `f`."""
+
+    def __init__(self, f):
+        self.f, self.hash, self.count = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.f.write(b)
+        self.hash.update(b)
+        self.count += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self.count
 
 
 def atomic_write_bytes(url: str, data: bytes) -> None:
