@@ -69,3 +69,15 @@ def tokenizer_reference(emoji_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     check(run_train(TOKENIZER_CONFIG, tokenizer_overrides(emoji_dataset, out, "ref"), nproc=2))
     return out / "ref"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run faster on one intra-op thread, and on a busy 2-core machine two threads make them
+    several times slower (oversubscription). Modules opt in with pytestmark = usefixtures(...)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -19,13 +19,7 @@ def captions(n: int, seed: int = 0) -> list[str]:
     return [" ".join(r.choice(WORDS) for _ in range(r.randint(3, 9))) for _ in range(n)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster than two on a busy 2-core machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

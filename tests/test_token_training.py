@@ -32,13 +32,7 @@ CONFIG = "configs/t2i_tiny_tokens.yaml"
 IMAGE_CONFIG = "configs/t2i_tiny.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster than two on a busy 2-core machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_tokenizer_ckpt(root: Path, seed: int) -> Path:

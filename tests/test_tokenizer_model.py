@@ -48,13 +48,7 @@ TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "tokenizer"
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny convs gain nothing from threads, and on a busy 2-core runner oversubscription makes them 10x slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 
