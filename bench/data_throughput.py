@@ -1,19 +1,22 @@
 """Data throughput: the streaming reader (local disk and moto S3) against the decode bound, and the
 shard writer. Prints one JSON object.
 
-    python bench/data_throughput.py [--samples 2000] [--resolution 256] [--workers 2] [--runs 3]
+    python bench/data_throughput.py [--samples 2000] [--epochs 3] [--resolution 256] [--workers 2] [--runs 3]
 
 - source: synthetic JPEGs (noise + gradients + blocks, varied sizes) with captions in a folder;
 - `shard`: `data_tools.shard.shard_dataset("folder:...")` into 256px JPEG shards, images/s; if that
   module is missing or fails, `shard_error` says why and `write_shards` here builds the dataset;
-- `reader_local` / `reader_s3`: samples/s of one full epoch through `StreamingReader` with `--workers`
-  DataLoader workers (worker start-up included), from the local shards and from a moto S3 server
-  started here on 127.0.0.1;
-- `decode_bound`: the same samples' bytes decoded and resized by `reader.decode_image` in a tight
-  loop by a `multiprocessing.Pool` of `--workers` processes (pool start-up included).
-Each figure is the median of `--runs` interleaved runs. `cpu_ms_per_sample` (main process and
-workers; the moto server is a thread of the main process) is reported too: unlike samples/s it is
-robust to other load on a shared machine. Targets: reader >= 0.85 of the bound, S3 >= 0.90 of local.
+- `reader_local` / `reader_s3`: samples/s through one `StreamingReader` with `--workers` DataLoader
+  workers for `--epochs` epochs, from the local shards and from moto's S3 server, started here as its
+  own process on 127.0.0.1;
+- `decode_bound`: the same samples' bytes, `--epochs` times over, decoded and resized by
+  `reader.decode_image` in a tight loop by a `multiprocessing.Pool` of `--workers` processes, in
+  chunks of one batch.
+Rates are steady state: counted from the first batch (or chunk) on; the time to it is reported as
+`seconds_to_first_batch` (worker start-up and the first shuffle window's read). Each figure is the
+median of `--runs` interleaved runs. `cpu_ms_per_sample` over the same span (this process, the
+workers, and the S3 server process; from /proc) is reported too: unlike samples/s it is robust to
+other load on a shared machine. Targets: reader >= 0.85 of the bound, S3 >= 0.90 of local.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import logging
 import multiprocessing as mp
 import os
-import resource
+import socket
 import statistics
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -69,30 +72,66 @@ def time_shard(source: str, out: str, resolution: int, workers: int, count: int)
     return count / (time.perf_counter() - start)
 
 
-def _cpu_seconds() -> tuple[float, float]:
-    """CPU seconds of (this process, its finished children: pool or DataLoader workers)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
+def _children_cpu() -> float:
+    """CPU seconds of this process's live children (DataLoader or pool workers, the S3 server), from /proc."""
+    return sum(_proc_cpu(int(pid)) for pid in _children())
 
 
-def _cpu_ms_per_sample(before: tuple[float, float], count: int) -> dict:
-    after = _cpu_seconds()
-    return {"main": round(1000 * (after[0] - before[0]) / count, 3),
-            "workers": round(1000 * (after[1] - before[1]) / count, 3)}
+def _children() -> list[str]:
+    pids = []
+    for task in os.listdir("/proc/self/task"):
+        try:  # a thread may end between the listing and the read
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids += f.read().split()
+        except FileNotFoundError:
+            continue
+    return pids
 
 
-def time_reader(url: str, resolution: int, workers: int, batch: int) -> tuple[float, dict]:
-    """(samples/s, CPU ms/sample) of one epoch."""
+def _proc_cpu(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:  # ended meanwhile
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+class CpuMeter:
+    """CPU seconds spent from construction to `per_sample()`: by this process, by its live children
+    other than the S3 server (the workers), and by the S3 server process."""
+
+    def __init__(self, server_pid: int | None):
+        self.server_pid = server_pid
+        self.start = self._now()
+
+    def _now(self) -> tuple[float, float, float]:
+        server = _proc_cpu(self.server_pid) if self.server_pid else 0.0
+        return time.process_time(), _children_cpu() - server, server
+
+    def per_sample(self, count: int) -> dict:
+        now = self._now()
+        parts = {name: round(1000 * (b - a) / count, 3) for name, a, b in zip(("main", "workers", "s3_server"), self.start, now)}
+        return parts if self.server_pid else {k: v for k, v in parts.items() if k != "s3_server"}
+
+
+def time_reader(url: str, resolution: int, workers: int, batch: int, epochs: int,
+                server_pid: int | None = None) -> tuple[float, float, dict]:
+    """(samples/s, seconds to the first batch, CPU ms/sample) of `epochs` epochs through one reader.
+    Rate and CPU count from the first batch on: steady state, with start-up as its own figure."""
     cfg = ReaderConfig(urls=[url], resolution=resolution, batch_size=batch, num_workers=workers, seed=0)
     reader = StreamingReader(cfg)
-    steps = plan.num_steps(reader.num_samples, 1, batch)
-    start, cpu = time.perf_counter(), _cpu_seconds()
+    steps = epochs * plan.num_steps(reader.num_samples, 1, batch)
+    begin = time.perf_counter()
     batches = iter(reader)
-    count = sum(len(b["key"]) for b in itertools.islice(batches, steps))
+    first = len(next(batches)["key"])
+    start, cpu = time.perf_counter(), CpuMeter(server_pid)
+    count = sum(len(b["key"]) for b in itertools.islice(batches, steps - 1))
     elapsed = time.perf_counter() - start
-    batches.close()  # shuts the epoch's workers down, so their CPU time is counted
-    assert count == reader.num_samples, (count, reader.num_samples)
-    return count / elapsed, _cpu_ms_per_sample(cpu, count)
+    cpu_per_sample = cpu.per_sample(count)
+    reader.close()
+    assert first + count == epochs * reader.num_samples, (first + count, reader.num_samples)
+    return count / elapsed, start - begin, cpu_per_sample
 
 
 def _decode_range(args: tuple[int, int, int]) -> int:
@@ -102,19 +141,25 @@ def _decode_range(args: tuple[int, int, int]) -> int:
     return hi - lo
 
 
-def time_decode_bound(dataset: str, resolution: int, workers: int) -> tuple[float, dict]:
+def time_decode_bound(dataset: str, resolution: int, workers: int, epochs: int) -> tuple[float, float, dict]:
+    """(samples/s, seconds to the first chunk, CPU ms/sample) of the pool, counted as `time_reader`."""
     global _POOL_SAMPLES
     _POOL_SAMPLES = [data for path in sorted(os.listdir(dataset)) if path.endswith(".tar")
                      for data in _image_bytes(os.path.join(dataset, path))]
     n = len(_POOL_SAMPLES)
-    chunks = [(lo, min(lo + 64, n), resolution) for lo in range(0, n, 64)]
-    start, cpu = time.perf_counter(), _cpu_seconds()
+    chunks = [(lo, min(lo + 32, n), resolution) for lo in range(0, n, 32)] * epochs  # a reader batch each
+    begin = time.perf_counter()
     pool = mp.get_context("fork").Pool(workers)
-    done = sum(pool.imap_unordered(_decode_range, chunks))
+    results = pool.imap_unordered(_decode_range, chunks)
+    first = next(results)
+    start, cpu = time.perf_counter(), CpuMeter(None)
+    count = sum(results)
     elapsed = time.perf_counter() - start
+    cpu_per_sample = cpu.per_sample(count)
     pool.close()
     pool.join()
-    return done / elapsed, _cpu_ms_per_sample(cpu, done)
+    assert first + count == epochs * n
+    return count / elapsed, start - begin, cpu_per_sample
 
 
 def _image_bytes(path: str) -> list[bytes]:
@@ -167,17 +212,28 @@ def build_dataset(tmp: str, samples: int, resolution: int, workers: int, runs: i
     return out, {"shard_images_per_s": round(statistics.median(rates), 1)}
 
 
-def upload_to_moto(local: str) -> tuple[object, str]:
-    from moto.server import ThreadedMotoServer
-
+def start_s3_server(local: str) -> tuple[subprocess.Popen, str]:
+    """moto's S3 server as its own process on 127.0.0.1 (as a real S3 endpoint is another process, not
+    threads sharing the reader's interpreter), holding a copy of the shards at s3://bench/shards."""
     import fsspec
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log line per request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-c", "import sys; from moto.server import main; main(sys.argv[1:])",
+                               "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError("moto's S3 server did not start") from None
+            time.sleep(0.1)
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}")
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     fs.mkdir("bench")
     for name in sorted(os.listdir(local)):
@@ -189,6 +245,7 @@ def upload_to_moto(local: str) -> tuple[object, str]:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--epochs", type=int, default=3, help="epochs per timed reader run (one start-up)")
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
@@ -196,21 +253,23 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         dataset, shard_result = build_dataset(tmp, args.samples, args.resolution, args.workers, args.runs)
-        server, s3_url = upload_to_moto(dataset)
-        runs: dict[str, list[tuple[float, dict]]] = {"bound": [], "local": [], "s3": []}
+        server, s3_url = start_s3_server(dataset)
+        runs: dict[str, list[tuple[float, float, dict]]] = {"bound": [], "local": [], "s3": []}
         try:
             for _ in range(args.runs):  # interleaved, so drifting machine load hits all three alike
-                runs["bound"].append(time_decode_bound(dataset, args.resolution, args.workers))
-                runs["local"].append(time_reader(dataset, args.resolution, args.workers, args.batch))
-                runs["s3"].append(time_reader(s3_url, args.resolution, args.workers, args.batch))
+                runs["bound"].append(time_decode_bound(dataset, args.resolution, args.workers, args.epochs))
+                runs["local"].append(time_reader(dataset, args.resolution, args.workers, args.batch, args.epochs))
+                runs["s3"].append(time_reader(s3_url, args.resolution, args.workers, args.batch, args.epochs,
+                                              server.pid))
         finally:
-            server.stop()
-    rate = {k: statistics.median(r for r, _ in v) for k, v in runs.items()}
-    cpu = {k: {part: statistics.median(c[part] for _, c in v) for part in ("main", "workers")}
-           for k, v in runs.items()}
+            server.kill()
+            server.wait()
+    rate = {k: statistics.median(r for r, _, _ in v) for k, v in runs.items()}
+    startup = {k: round(statistics.median(s for _, s, _ in v), 3) for k, v in runs.items()}
+    cpu = {k: {part: statistics.median(c[part] for _, _, c in v) for part in v[0][2]} for k, v in runs.items()}
     bound, local, remote = rate["bound"], rate["local"], rate["s3"]
     result = {
-        "samples": args.samples, "resolution": args.resolution, "workers": args.workers, "batch": args.batch,
+        "samples": args.samples, "epochs": args.epochs, "resolution": args.resolution, "workers": args.workers, "batch": args.batch,
         "runs": args.runs, "cpus": os.cpu_count(),
         **shard_result,
         "decode_bound_samples_per_s": round(bound, 1),
@@ -218,8 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
         "reader_s3_samples_per_s": round(remote, 1),
         "reader_over_decode_bound": round(local / bound, 3),
         "s3_over_local": round(remote / local, 3),
-        # robust to other load on a shared machine; "main" of s3 includes the moto server thread
-        "cpu_ms_per_sample": cpu,
+        "seconds_to_first_batch": startup,
+        "cpu_ms_per_sample": cpu,  # robust to other load on a shared machine
         "load_average_1min": round(os.getloadavg()[0], 2),
         "targets": {"reader_over_decode_bound": 0.85, "s3_over_local": 0.90},
     }  # fmt: skip

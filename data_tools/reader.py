@@ -13,13 +13,19 @@ Design decisions:
   reader never reads them from the environment. S3 endpoint and credentials come only from the
   environment / AWS config, never from ``ReaderConfig``.
 - Workers yield whole batches; the DataLoader runs with ``batch_size=None`` and its in-order
-  round-robin, so rank r's t-th batch is worker ``t % K``'s ``(t // K)``-th batch, deterministically.
+  round-robin, so the DataLoader's g-th batch is loader worker ``g % K``'s, deterministically. One
+  DataLoader serves every epoch: its workers start once and walk epoch after epoch, each playing the
+  planned worker whose steps its round-robin turns land on (``worker_plans``).
   ``num_workers=0`` runs the single worker in the main process (same plan as one worker).
 - Images come out as **uint8** ``(B, 3, H, W)`` tensors (4x less inter-process traffic than float)
   in channels_last memory layout (decoders produce HWC; no transpose copy); ``to_unit_range`` maps
   them to float in [-1, 1] (call ``.contiguous()`` if a consumer needs NCHW-contiguous memory).
-- Per worker, a thread reads the next window of raw samples while the current one is decoded, so
-  S3 latency overlaps decoding and at most two windows of raw bytes are in memory.
+  A worker fills a small ring of shared-memory buffers in turn and the main process copies each batch
+  out as it arrives (``SharedBatchRing``): a fresh shared buffer per batch cost a third of the decode
+  time in page faults.
+- Per worker, a thread reads the next window of raw samples (across epoch ends too) while the
+  current one is decoded, so S3 latency overlaps decoding and at most two windows of raw bytes are in
+  memory.
 - A bad sample (undecodable image, missing image or caption, unreadable caption or JSON, or missing
   from its shard) still occupies its position: it counts as consumed and is skipped, so a batch can
   come out smaller. Each worker stops the run once its bad fraction exceeds ``max_bad_fraction``
@@ -29,14 +35,15 @@ Design decisions:
   (``decode_token_sample``, ``collate_tokens``). A dataset of the other kind (manifest
   ``options.format``) is refused when the reader is built. Token batches are stacked with
   ``torch.stack``: they are small (no image), so the DataLoader's copy into shared memory is cheap.
-- Iterating the reader is infinite across epochs; each batch says its ``epoch``. One epoch is one
-  pass of a DataLoader (worker processes restart per epoch). ``state_dict()`` counts the batches
-  handed to the caller, never prefetched ones, and must be called between batches.
+- Iterating the reader is infinite across epochs; each batch says its ``epoch``. ``state_dict()``
+  counts the batches handed to the caller, never prefetched ones, and must be called between batches;
+  ``load_state_dict()`` and a new ``iter()`` restart the workers from the reader's state.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import io
 import itertools
 import json
@@ -283,14 +290,130 @@ def decode_token_sample(key: str | None, members: dict | None) -> tuple[str | No
     return None, (sample, key)
 
 
-def collate_images(goods: list[tuple]) -> dict:
-    """(image, caption, key) samples -> {"image": uint8 (B, 3, H, W) channels_last, "caption", "key"}."""
-    images = [g[0] for g in goods]
-    # Filled straight into shared memory (a DataLoader worker would otherwise copy it there), and
-    # (B, 3, H, W) as a view of the (B, H, W, 3) buffer: channels_last layout, no transpose copy.
-    buffer = _batch_buffer((len(images), *images[0].shape), shared=get_worker_info() is not None)
-    np.stack(images, out=buffer.numpy())
-    return {"image": buffer.permute(0, 3, 1, 2), "caption": [g[1] for g in goods], "key": [g[2] for g in goods]}
+class ImageBatch:
+    """One image batch under construction. Each decoded image is written into the batch buffer as soon
+    as it is decoded, while it is still in cache (holding B arrays and stacking them at the end costs
+    a cold copy), then dropped. Out comes {"image": uint8 (B, 3, H, W) channels_last, "caption", "key"};
+    in a DataLoader worker the buffer is a slot of its shared-memory ring and the batch carries "_ring"
+    (where the slot is) in place of "image" until `take_ring_batch` copies it out."""
+
+    def __init__(self, size: int, resolution: int, ring: "SharedBatchRing | None"):
+        self._ring = ring
+        self._rows = ring.open_slot() if ring is not None else np.empty((size, resolution, resolution, 3), np.uint8)
+        self._captions: list[str] = []
+        self._keys: list[str] = []
+
+    def add(self, good: tuple) -> None:
+        image, caption, key = good
+        self._rows[len(self._keys)] = image
+        self._captions.append(caption)
+        self._keys.append(key)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def finish(self) -> dict:
+        batch = {"caption": self._captions, "key": self._keys}
+        if self._ring is not None:
+            return {"_ring": self._ring.close_slot(len(self._keys)), **batch}
+        # (B, 3, H, W) as a view of the (B, H, W, 3) buffer: channels_last layout, no transpose copy.
+        return {"image": torch.from_numpy(self._rows[: len(self._keys)]).permute(0, 3, 1, 2), **batch}
+
+
+class TokenBatch:
+    """One token batch under construction (see `collate_tokens`)."""
+
+    def __init__(self, size: int, resolution: int, ring: None = None):
+        self._goods: list[tuple] = []
+
+    def add(self, good: tuple) -> None:
+        self._goods.append(good)
+
+    def __len__(self) -> int:
+        return len(self._goods)
+
+    def finish(self) -> dict:
+        return collate_tokens(self._goods)
+
+
+class SharedBatchRing:
+    """A DataLoader worker's image batches, written in turn into a few shared-memory slots made once.
+
+    Why: a fresh shared buffer per batch (what torch's collate does) cost ~6 ms of page faults per
+    32 x 256² batch, a third of its decode time, and sending it cost the main process a file-descriptor
+    hand-over (a socket round trip with an authentication handshake) per batch. Here a slot's storage
+    is sent once, with its first batch; later batches name the slot, and the main process copies the
+    pixels out of its mapping as they arrive (`take_ring_batch`).
+
+    Reuse is safe because of that copy-on-arrival: the DataLoader keeps at most `prefetch_factor`
+    batches of one worker queued beyond the one it is returning, so `prefetch_factor + 2` slots leave
+    one spare. That argument rests on the DataLoader's scheduling, so it is checked, not trusted: each
+    slot starts with a sequence number, -1 while the worker writes and the batch's number after, read
+    by the main process before and after its copy. A batch overwritten before it was copied raises
+    `RuntimeError`; it is never passed on torn."""
+
+    HEADER = 8  # bytes: one int64 sequence number in front of each slot's pixels
+
+    def __init__(self, worker: int, slots: int, max_shape: tuple[int, ...]):
+        self._worker, self._slots, self._max_shape = worker, slots, tuple(max_shape)
+        self._storages: list[torch.Tensor] = []  # per slot: uint8, header + the largest batch
+        self._seq = 0
+        self._open: tuple[torch.Tensor, np.ndarray] | None = None
+
+    def open_slot(self) -> np.ndarray:
+        """The next slot's pixels, (max batch, H, W, 3), marked as being written."""
+        assert self._open is None, "close_slot the previous batch first"
+        slot = self._seq % self._slots
+        if slot == len(self._storages):
+            size = self.HEADER + int(np.prod(self._max_shape))
+            self._storages.append(torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size)))
+        header, pixels = self.views(self._storages[slot], self._max_shape)
+        header.fill_(-1)
+        self._open = header, pixels.numpy()
+        return self._open[1]
+
+    def close_slot(self, count: int) -> dict:
+        """Mark the open slot as holding a batch of its first `count` rows; returns what the main
+        process needs to find it (and, on the slot's first use, its storage)."""
+        header, _ = self._open
+        self._open = None
+        slot, seq = self._seq % self._slots, self._seq
+        header.fill_(seq)
+        self._seq += 1
+        new_slot = seq < self._slots
+        return {"worker": self._worker, "slot": slot, "seq": seq, "shape": (count, *self._max_shape[1:]),
+                "storage": self._storages[slot] if new_slot else None}
+
+    @classmethod
+    def views(cls, storage: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the int64 sequence number, the (B, H, W, 3) pixels) of a slot."""
+        return storage[: cls.HEADER].view(torch.int64), storage[cls.HEADER : cls.HEADER + int(np.prod(shape))].view(shape)
+
+
+def take_ring_batch(batch: dict, mapped: dict) -> dict:
+    """Main process: turn a worker's ring batch into an ordinary one by copying its images out of the
+    slot (proving the slot was not refilled meanwhile; see `SharedBatchRing`). `mapped` holds the slots
+    of the live workers, by (worker, slot); a batch that brings a slot's storage adds it."""
+    ring = batch.pop("_ring", None)
+    if ring is None:
+        return batch
+    where = (ring["worker"], ring["slot"])
+    if ring["storage"] is not None:
+        mapped[where] = ring["storage"]
+    header, pixels = SharedBatchRing.views(mapped[where], ring["shape"])
+
+    def check(when: str) -> None:
+        if int(header.item()) != ring["seq"]:
+            raise RuntimeError(
+                f"reader: worker {ring['worker']} refilled the shared slot of its batch {ring['seq']} {when} it was "
+                f"copied (the slot holds {int(header.item())}); the batch is dropped rather than passed on torn")
+
+    check("before")
+    # numpy's copy, single-threaded: torch's clone() would wake its intra-op thread pool, whose spinning
+    # threads take CPU from the workers (~10 ms of this process's CPU per 6 MB batch, measured).
+    hwc = torch.from_numpy(pixels.numpy().copy())
+    check("while")
+    return {"image": hwc.permute(0, 3, 1, 2), **batch}  # channels_last, as ImageBatch makes it
 
 
 def collate_tokens(goods: list[tuple]) -> dict:
@@ -338,92 +461,132 @@ def read_ahead(items: Iterator) -> Iterator:
         stop.set()
 
 
-def permuted_samples(plan: planning.WorkerPlan, source: ShardSource) -> Iterator[tuple]:
-    """The worker's not yet consumed samples, raw, in window-shuffled order; the next window is
-    read while this one is decoded."""
+@dataclass(frozen=True)
+class EpochStart:
+    """Marker in a worker's raw sample stream: the samples of `plan` (in `epoch`) follow."""
+
+    epoch: int
+    plan: planning.WorkerPlan
+
+
+def plan_windows(plan: planning.WorkerPlan, source: ShardSource) -> Iterator[tuple[np.ndarray, dict]]:
+    """(ids in emission order, their raw samples by id) per shuffle window of the plan's not yet
+    consumed samples."""
     window = plan.window
     consumed = int(plan.sizes[: plan.first_batch].sum())
     keep = np.ones(len(plan.ids), dtype=bool)
     keep[planning.emitted(plan, consumed)] = False
     stream = source.samples(plan.ids[keep])
     first_window = consumed // window
+    for j in range(first_window, -(-len(plan.ids) // window)):
+        order = planning.window_perm(plan, j) + j * window
+        if j == first_window:
+            order = order[consumed % window :]
+        held = {sample_id: (key, members) for sample_id, key, members in itertools.islice(stream, len(order))}
+        assert len(held) == len(order), (len(held), len(order))
+        yield plan.ids[order], held
 
-    def windows() -> Iterator[tuple[np.ndarray, dict]]:
-        for j in range(first_window, -(-len(plan.ids) // window)):
-            order = planning.window_perm(plan, j) + j * window
-            if j == first_window:
-                order = order[consumed % window :]
-            held = {sample_id: (key, members) for sample_id, key, members in itertools.islice(stream, len(order))}
-            assert len(held) == len(order), (len(held), len(order))
-            yield plan.ids[order], held
 
-    for ids, held in read_ahead(windows()):
+def planned_samples(plans: Iterator[tuple[int, planning.WorkerPlan]], source: ShardSource) -> Iterator:
+    """For each (epoch, plan): an `EpochStart`, then the plan's raw (key, members) samples in
+    window-shuffled order. The next window, of this epoch or the next, is read while this one is
+    decoded."""
+
+    def windows() -> Iterator:
+        for epoch, plan in plans:
+            yield EpochStart(epoch, plan)
+            yield from plan_windows(plan, source)
+
+    for item in read_ahead(windows()):
+        if isinstance(item, EpochStart):
+            yield item
+            continue
+        ids, held = item
         for sample_id in ids.tolist():
             yield held.pop(sample_id)
 
 
-def _batch_buffer(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
-    """An uninitialised uint8 tensor, allocated in shared memory in a DataLoader worker (as torch's
-    default_collate does): `Tensor.share_memory_()` would allocate twice and copy, and the page
-    faults of that copy cost a worker ~25% of its CPU at 256px."""
-    if not shared:
-        return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
-
-
-def worker_batches(plan: planning.WorkerPlan, source: ShardSource, config: ReaderConfig,
-                   epoch: int) -> Iterator[dict]:
-    counter = BadCounter(config.max_bad_fraction, config.min_samples_for_bad_check,
-                         str([storage.redact(u) for u in config.urls]))
-    samples = permuted_samples(plan, source)
+def worker_batches(plans: Iterator[tuple[int, planning.WorkerPlan]], source: ShardSource, config: ReaderConfig,
+                   ring: SharedBatchRing | None = None) -> Iterator[dict]:
+    """The batches of one worker's plans, in order (bad samples judged per epoch)."""
     if config.kind == "tokens":
-        decode, collate = decode_token_sample, collate_tokens
+        decode, new_batch = decode_token_sample, TokenBatch
     else:
-        decode, collate = functools.partial(decode_sample, resolution=config.resolution), collate_images
-    for size in plan.sizes[plan.first_batch :].tolist():
-        bad_before = Counter(counter.bad)
-        goods = []
-        for _ in range(size):
-            reason, good = decode(*next(samples))
-            counter.record(reason)
-            if good:
-                goods.append(good)
-        if not goods:
-            raise TooManyBadSamplesError(
-                f"a whole batch of {size} samples was bad ({dict(counter.bad - bad_before)}) in datasets "
-                f"{counter.dataset}; fix or re-shard the data"
-            )
-        yield {**collate(goods), "epoch": epoch, "_bad_delta": dict(counter.bad - bad_before)}
+        decode, new_batch = functools.partial(decode_sample, resolution=config.resolution), ImageBatch
+    samples = planned_samples(plans, source)
+    for start in samples:
+        assert isinstance(start, EpochStart), "a worker's sample stream lost its place"
+        counter = BadCounter(config.max_bad_fraction, config.min_samples_for_bad_check,
+                             str([storage.redact(u) for u in config.urls]))
+        for size in start.plan.sizes[start.plan.first_batch :].tolist():
+            bad_before = Counter(counter.bad)
+            batch = new_batch(size, config.resolution, ring)
+            for _ in range(size):
+                reason, good = decode(*next(samples))
+                counter.record(reason)
+                if good:
+                    batch.add(good)
+            if not len(batch):
+                raise TooManyBadSamplesError(
+                    f"a whole batch of {size} samples was bad ({dict(counter.bad - bad_before)}) in datasets "
+                    f"{counter.dataset}; fix or re-shard the data"
+                )
+            yield {**batch.finish(), "epoch": start.epoch, "_bad_delta": dict(counter.bad - bad_before)}
 
 
-class EpochDataset(IterableDataset):
-    """One rank's batches of one segment; each DataLoader worker plays its planned worker."""
+class RankDataset(IterableDataset):
+    """One rank's batches from the reader's position on, epoch after epoch, in DataLoader workers."""
 
-    def __init__(self, shards, config: ReaderConfig, remaining: np.ndarray, seg: planning.Segment,
-                 seg_index: int, epoch: int, rank: int):
+    def __init__(self, shards, config: ReaderConfig, counts: np.ndarray, epoch: int,
+                 segments: list[planning.Segment], remaining: np.ndarray, rank: int):
         super().__init__()
-        self.shards, self.config, self.remaining = shards, config, remaining
-        self.seg, self.seg_index, self.epoch, self.rank = seg, seg_index, epoch, rank
+        self.shards, self.config, self.counts, self.rank = shards, config, counts, rank
+        # the current epoch: its segments (the last open, at its consumed steps) and the ids left to it
+        self.epoch, self.segments, self.remaining = epoch, segments, remaining
 
     def __iter__(self):
         info = get_worker_info()
         loader_worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        assert num_workers == self.seg.workers, (num_workers, self.seg)
-        # The DataLoader's round-robin starts at its worker 0, but the next step (seg.steps) belongs
-        # to plan worker seg.steps % K: rotate the roles so loader batch j is step seg.steps + j.
-        worker = (loader_worker + self.seg.steps) % num_workers
-        plan = planning.worker_plan(self.remaining, self.seg, self.seg_index, self.config.seed, self.epoch,
-                                    self.rank, worker, self.config.shuffle_window)
-        return worker_batches(plan, ShardSource(self.shards, self.config), self.config, self.epoch)
+        assert num_workers == self.segments[-1].workers, (num_workers, self.segments[-1])
+        ring = None
+        if info is not None and self.config.kind == "images":
+            shape = (self.config.batch_size, self.config.resolution, self.config.resolution, 3)
+            ring = SharedBatchRing(loader_worker, self.config.prefetch_factor + 2, shape)
+        plans = self.worker_plans(loader_worker, num_workers)
+        return worker_batches(plans, ShardSource(self.shards, self.config), self.config, ring)
+
+    def worker_plans(self, loader_worker: int, num_workers: int) -> Iterator[tuple[int, planning.WorkerPlan]]:
+        """(epoch, plan) of the planned worker this loader worker plays, epoch after epoch.
+
+        The DataLoader's g-th batch comes from loader worker g % K. If `delivered` batches came before
+        this epoch and its open segment had done `steps` already, batch g is the segment's step
+        g - delivered + steps, which plan worker (step % K) owns: the roles rotate whenever an epoch's
+        step count is not a multiple of K."""
+        cfg = self.config
+        epoch, segments, remaining, delivered = self.epoch, self.segments, self.remaining, 0
+        while True:
+            seg = segments[-1]
+            worker = (loader_worker - delivered + seg.steps) % num_workers
+            yield epoch, planning.worker_plan(remaining, seg, len(segments) - 1, cfg.seed, epoch, self.rank,
+                                              worker, cfg.shuffle_window)
+            delivered += planning.num_steps(len(remaining), seg.ranks, seg.batch) - seg.steps
+            epoch, segments = epoch + 1, [planning.Segment(seg.ranks, seg.workers, seg.batch)]
+            remaining = planning.remaining_ids(self.counts, cfg.seed, epoch, [], cfg.shuffle_window)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave SIGTERM/SIGUSR1 to the trainer: launchers and schedulers signal whole process trees
-    (DeepSpeed's launcher, Slurm, Kubernetes), and a worker dying there would break the batch stream
-    before the trainer's preemption checkpoint. Workers still exit with their parent."""
+def _init_worker(worker_id: int) -> None:
+    """Set up a DataLoader worker process.
+
+    - Stop signals are left to the trainer: launchers and schedulers signal whole process trees
+      (DeepSpeed's launcher, Slurm, Kubernetes), and a worker dying there would break the batch stream
+      before the trainer's preemption checkpoint. Workers still exit with their parent.
+    - Everything inherited from the parent (a trainer's heap: torch, DeepSpeed, the model's Python
+      objects, boto's service models) is moved out of the garbage collector's sight with `gc.freeze()`:
+      the worker never frees it, and every full collection would otherwise walk it, touching (and so
+      copying) the parent's pages."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    gc.freeze()
 
 
 class StreamingReader:
@@ -439,6 +602,7 @@ class StreamingReader:
         self._segments: list[planning.Segment] = []
         self._bad: Counter = Counter()
         self._batches = None  # the live DataLoader iterator, for close()
+        self._mapped: dict = {}  # the live workers' ring slots, mapped here (see take_ring_batch)
 
     @property
     def num_samples(self) -> int:
@@ -480,8 +644,10 @@ class StreamingReader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore; call before iterating. Same (ranks, workers, batch) continues the segment
-        bit-exactly, a different one starts a new segment over the remaining samples."""
+        """Restore, then iterate anew (this stops the workers of any earlier iterator). Same (ranks,
+        workers, batch) continues the segment bit-exactly, a different one starts a new segment over the
+        remaining samples."""
+        self.close()
         missing = {"seed", "epoch", "segments", "num_samples", "shuffle_window"} - set(state)
         if missing:
             raise ValueError(f"reader state lacks {sorted(missing)}")
@@ -509,15 +675,41 @@ class StreamingReader:
         self._segments.append(planning.Segment(*shape))
 
     def __iter__(self) -> Iterator[dict]:
-        while True:
-            yield from self._epoch_batches()
+        """Batches from the current state on, forever. Starts the workers (stopping any earlier ones)."""
+        self.close()
+        self._roll_epoch_if_done()
+        self._open_segment()
+        remaining = planning.remaining_ids(self._counts, self.config.seed, self._epoch, self._segments[:-1],
+                                           self.config.shuffle_window)
+        dataset = RankDataset(self.shards, self.config, self._counts, self._epoch, list(self._segments),
+                              remaining, self.rank)
+        workers = self.config.num_workers
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=_init_worker,
+                            prefetch_factor=self.config.prefetch_factor if workers else None)
+        batches = self._batches = iter(loader)
+        try:
+            for batch in batches:
+                batch = take_ring_batch(batch, self._mapped)
+                self._roll_epoch_if_done()  # the previous batch may have ended an epoch
+                self._open_segment()
+                assert batch["epoch"] == self._epoch, ("a worker is in another epoch", batch["epoch"], self._epoch)
+                seg = self._segments[-1]
+                self._segments[-1] = replace(seg, steps=seg.steps + 1)
+                self._bad.update(batch.pop("_bad_delta"))
+                batch["bad_samples"] = dict(self._bad)
+                batch["num_bad"] = sum(self._bad.values())
+                yield batch
+        finally:
+            if self._batches is batches:  # not replaced by a newer iterator
+                self.close()
 
     def close(self) -> None:
         """Stop the data workers now, on every exit path of the trainer. They ignore SIGTERM (see
-        `_ignore_stop_signals`), so the interpreter's exit-time terminate() could not end them. The
+        `_init_worker`), so the interpreter's exit-time terminate() could not end them. The
         DataLoader iterator's own shutdown asks them to stop and stops watching their pids; any worker
         still alive after it is killed. Workers hold no state worth keeping (it lives in this process)."""
         batches, self._batches = self._batches, None
+        self._mapped.clear()
         workers = list(getattr(batches, "_workers", []))  # torch's multi-process iterator keeps them here
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
@@ -526,25 +718,3 @@ class StreamingReader:
             if w.is_alive():
                 os.kill(w.pid, signal.SIGKILL)
                 w.join(timeout=10)
-
-    def _epoch_batches(self) -> Iterator[dict]:
-        self._roll_epoch_if_done()
-        self._open_segment()
-        epoch, seg_index = self._epoch, len(self._segments) - 1
-        remaining = planning.remaining_ids(self._counts, self.config.seed, epoch, self._segments[:-1],
-                                           self.config.shuffle_window)
-        dataset = EpochDataset(self.shards, self.config, remaining, self._segments[-1], seg_index, epoch, self.rank)
-        workers = self.config.num_workers
-        loader = DataLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=_ignore_stop_signals,
-                            prefetch_factor=self.config.prefetch_factor if workers else None)
-        self._batches = iter(loader)
-        for batch in self._batches:
-            seg = self._segments[-1]
-            self._segments[-1] = replace(seg, steps=seg.steps + 1)
-            self._bad.update(batch.pop("_bad_delta"))
-            batch["bad_samples"] = dict(self._bad)
-            batch["num_bad"] = sum(self._bad.values())
-            yield batch
-        if self._epoch == epoch:
-            self._roll_epoch_if_done()
-        assert self._epoch == epoch + 1, "a worker yielded fewer batches than planned"

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from data_tools import plan, s3io, schema
-from data_tools.reader import ReaderConfig, StreamingReader, TooManyBadSamplesError, to_unit_range
+from data_tools.reader import (ReaderConfig, SharedBatchRing, StreamingReader, TooManyBadSamplesError, take_ring_batch,
+                               to_unit_range)
 from data_tools.s3io import StorageReadError
 from faultproxy import FaultProxy
 
@@ -188,6 +189,61 @@ def test_epoch_boundary_and_second_epoch_order(local_ds):
     assert {b["epoch"] for b in first} == {0} and {b["epoch"] for b in second} == {1}
     assert sorted(keys_of(first)) == sorted(keys_of(second)) == sorted(keys)
     assert keys_of(first) != keys_of(second)
+
+
+def test_workers_carry_on_across_epochs(local_ds):
+    """One DataLoader serves every epoch. 60 samples in batches of 4 are 15 steps, odd, so the two
+    workers swap planned roles at each epoch end; every batch must still equal what a reader restarted
+    from the saved state gives, and batches held by the caller must survive the workers' reuse of
+    their shared buffers (45 batches held, 4 buffers per worker)."""
+    url, keys = local_ds
+    reader = StreamingReader(config(url))
+    steps = reader.steps_left_in_epoch()
+    assert steps == 15
+    it = iter(reader)
+    held, states = [], []
+    for batch in itertools.islice(it, 3 * steps):
+        held.append(batch)
+        states.append(json.loads(json.dumps(reader.state_dict())))
+    reader.close()
+    for e in range(3):
+        epoch = held[e * steps : (e + 1) * steps]
+        assert {b["epoch"] for b in epoch} == {e}
+        assert sorted(keys_of(epoch)) == sorted(keys)
+    # restarts: at an epoch end, and mid-epoch at an odd step (the resumed segment then runs on into
+    # the next epochs with the roles rotated from there)
+    for after in (steps - 1, 5):
+        restored = StreamingReader(config(url))
+        restored.load_state_dict(states[after])
+        assert_same_batches(take(restored, 3 * steps - after - 1), held[after + 1 :])
+        restored.close()
+
+
+def test_a_refilled_ring_slot_is_detected_not_passed_on():
+    """A worker's shared slot refilled before the main process copied its batch out must raise, and a
+    batch already taken must not change when its slot is refilled."""
+    ring = SharedBatchRing(worker=0, slots=1, max_shape=(2, 4, 4, 3))
+    images = [np.full((4, 4, 3), v, dtype=np.uint8) for v in (1, 2)]
+
+    def fill(values):
+        rows = ring.open_slot()
+        for i, v in enumerate(values):
+            rows[i] = images[0] * v
+        return ring.close_slot(len(values))
+
+    mapped: dict = {}
+    first = take_ring_batch({"_ring": fill([1, 2]), "key": ["a", "b"]}, mapped)
+    assert first["image"].shape == (2, 3, 4, 4) and first["image"][1, 0, 0, 0] == 2
+    stale = fill([7])  # slot 0 again: seq 1
+    assert first["image"][1, 0, 0, 0] == 2 and first["image"][0, 0, 0, 0] == 1  # the taken batch is a copy
+    second = take_ring_batch({"_ring": stale, "key": ["c"]}, mapped)
+    assert second["image"].shape == (1, 3, 4, 4) and int(second["image"].max()) == 7
+    overwritten = fill([3])  # seq 2 lands in the slot of seq 1
+    with pytest.raises(RuntimeError, match="refilled"):
+        take_ring_batch({"_ring": stale, "key": ["c"]}, mapped)
+    ring.open_slot()  # seq 3 being written: the slot says so (-1) until close_slot
+    with pytest.raises(RuntimeError, match="refilled"):
+        take_ring_batch({"_ring": overwritten, "key": ["d"]}, mapped)
 
 
 @pytest.mark.parametrize("new_world", [1, 3])
