@@ -11,7 +11,8 @@ import torch
 from hart_train.models import HARTConfig, HARTForT2I, KVCache, hart_config, load_official_state_dict, official_state_dict
 from hart_train.models import attention as attention_mod
 from hart_train.models import blocks as blocks_mod
-from hart_train.models.hart_t2i import TrainDraws, truncnorm_sample
+from hart_train.models.hart_t2i import (TrainDraws, filter_top_k_top_p, sample_top_k_top_p, top_k_candidates,
+                                       truncnorm_sample)
 from hart_train.models.rope import apply_rope, image_positions, rope_1d, rope_2d
 
 
@@ -226,6 +227,25 @@ def test_model_with_dropped_tokens_equals_dense_reference(monkeypatch):
     assert torch.allclose(logits, logits_ref, atol=1e-5) and torch.allclose(h, h_ref, atol=1e-5)
     for a, b in zip(g_sparse, g_dense):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_top_k_candidate_sampling_draws_from_the_filtered_distribution():
+    """The training forward draws over the top-k candidates only; that must be VAR's filtered
+    distribution (top-k, then top-p) exactly, and step aside when ties at the k-th value would make the
+    filter keep more than k tokens."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 50, generator=g) * 3
+    probs, cand = top_k_candidates(logits, 7, 0.8)
+    ref = filter_top_k_top_p(logits, 7, 0.8).softmax(-1).view(10, 50)
+    assert torch.allclose(torch.zeros(10, 50).scatter_(1, cand, probs), ref, atol=1e-6)
+    assert top_k_candidates(torch.zeros(1, 1, 50), 7, 0.8) is None  # all tied: the filter keeps all 50
+    assert top_k_candidates(logits, 0, 0.8) is None and top_k_candidates(logits, 50, 0.8) is None
+    draws = sample_top_k_top_p(logits[:1, :1].expand(1, 40000, 50).contiguous(), 7, 0.8, g)
+    freq = torch.bincount(draws.flatten(), minlength=50).double() / draws.numel()
+    assert torch.allclose(freq, ref[0].double(), atol=0.01)
+    tied = sample_top_k_top_p(torch.zeros(1, 4000, 50), 7, 0.8, g)  # the fallback: 40 of 50 kept, not 7
+    kept = filter_top_k_top_p(torch.zeros(1, 1, 50), 7, 0.8).isfinite().flatten().nonzero().flatten()
+    assert len(kept) == 40 and tied.unique().tolist() == kept.tolist()
 
 
 # ---------------------------------------------------------------------- KV cache
