@@ -265,7 +265,9 @@ class HARTForT2I(nn.Module):
         cos, sin = torch.cat((cos_t, cos_i), dim=1), torch.cat((sin_t, sin_i), dim=1)
 
         h = self._run_blocks(x, text.pooled_BC, cos, sin, seg_lens=seg_lens, drop_path_keep=drop_path_keep)
-        return self.get_logits(h, text.cond_BTC)[:, T - 1:], h, text
+        # the head only where there is a target (the last text position onward): the head's condition is
+        # pooled, so a row's logits do not depend on the others, and no (L, V) gradient is scattered back
+        return self.get_logits(h[:, T - 1:], text.cond_BTC), h, text
 
     def draw_training_randomness(self, B: int, device, generator: torch.Generator | None = None) -> TrainDraws:
         """Kept last-scale positions (a random order, a truncnorm mask rate), the text drop and drop path."""
