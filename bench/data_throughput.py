@@ -10,7 +10,7 @@ shard writer. Prints one JSON object.
   workers for `--epochs` epochs, from the local shards and from moto's S3 server, started here as its
   own process on 127.0.0.1;
 - `decode_bound`: the same samples' bytes, `--epochs` times over, decoded and resized by
-  `reader.decode_image` in a tight loop by a `multiprocessing.Pool` of `--workers` processes, in
+  `samples.decode_image` in a tight loop by a `multiprocessing.Pool` of `--workers` processes, in
   chunks of one batch.
 Rates are steady state: counted from the first batch (or chunk) on; the time to it is reported as
 `seconds_to_first_batch` (worker start-up and the first shuffle window's read). Each figure is the
@@ -38,7 +38,8 @@ import numpy as np
 from PIL import Image
 
 from data_tools import plan, schema
-from data_tools.reader import ReaderConfig, StreamingReader, decode_image
+from data_tools.reader import ReaderConfig, StreamingReader
+from data_tools.samples import decode_image
 
 try:
     from data_tools.shard import shard_dataset

@@ -165,7 +165,7 @@ class Trainer:
 
 _OP_GROUPS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
-    # the per-segment kernel's slice backward zero-fills full-size gradients and accumulates into them
+    # gradient buffers: zero-fills, copies, concatenations and accumulations
     "fill_copy_cat_add": ("aten::fill_", "aten::zero_", "aten::copy_", "aten::cat", "aten::add_"),
     # the training forward samples every kept last-scale token (top-k 600, top-p 0.96 over V=4096)
     "last_scale_sampling": ("aten::sort", "aten::topk", "aten::exponential_", "aten::multinomial", "aten::cumsum",

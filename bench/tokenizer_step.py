@@ -52,7 +52,8 @@ import yaml  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, free_port, load_average, log, summarize, time_interleaved  # noqa: E402
 
-from data_tools.reader import ReaderConfig, StreamingReader, to_unit_range  # noqa: E402
+from data_tools.reader import ReaderConfig, StreamingReader  # noqa: E402
+from data_tools.samples import to_unit_range  # noqa: E402
 from data_tools.shard import shard_dataset  # noqa: E402
 from hart_train.metrics import read_jsonl  # noqa: E402
 from hart_train.run_config import TokenizerStageConfig  # noqa: E402

@@ -46,6 +46,7 @@ import yaml
 from tqdm import tqdm
 
 from data_tools import reader, schema, shard, storage
+from data_tools.samples import decode_sample, to_unit_range
 from data_tools.text_encoder import TextEncoder, TextEncoderConfig, model_directory, resolve_kind
 from data_tools.token_format import (EXT_CTX, EXT_FREST, EXT_IDX, EXT_MASK, TOKEN_FORMAT, TOKEN_FORMAT_VERSION,
                                      file_sha256, is_token_dataset, read_token_sample)
@@ -223,7 +224,7 @@ class _ShardEncoder:
 
     @torch.no_grad()
     def members(self, images: list[np.ndarray], captions: list[str], keys: list[str]) -> list[tuple[str, bytes]]:
-        img_B3HW = reader.to_unit_range(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous())
+        img_B3HW = to_unit_range(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous())
         idx_Bl, frest_BLC = self.tok.img_to_idxBl_and_frest(img_B3HW.to(self.device))
         idx_BL = torch.cat(idx_Bl, dim=1).cpu().numpy().astype(self.idx_dtype)
         frest = self._stored(frest_BLC, "frest")
@@ -293,7 +294,7 @@ def _good_batches(samples: Iterator, size: int, batch_size: int, skipped: dict, 
     """(images, captions, keys) batches of decoded samples; bad ones are counted into `skipped`."""
     batch: tuple[list, list, list] = ([], [], [])
     for _, key, raw in samples:
-        reason, good = reader.decode_sample(key, raw, size)
+        reason, good = decode_sample(key, raw, size)
         bar.update(1)
         if reason is not None:
             skipped[reason] = skipped.get(reason, 0) + 1

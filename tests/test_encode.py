@@ -17,7 +17,8 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from data_tools import cli, encode, reader, schema
+from data_tools import cli, encode, schema
+from data_tools.samples import decode_image, to_unit_range
 from data_tools.shard import shard_dataset
 from data_tools.text_encoder import TextEncoder, TextEncoderConfig
 from data_helpers import all_samples, write_folder
@@ -105,8 +106,8 @@ def test_stored_tokens_match_recomputation(source, encoded, ckpt, minilm):
     assert len(got) == NUM_IMAGES
     for key in sorted(got)[::2]:  # a handful, across shards and batch positions
         sample = got[key]
-        image = reader.decode_image(src[key]["png"], 16)
-        img = reader.to_unit_range(torch.from_numpy(image).permute(2, 0, 1)[None].contiguous())
+        image = decode_image(src[key]["png"], 16)
+        img = to_unit_range(torch.from_numpy(image).permute(2, 0, 1)[None].contiguous())
         idx_Bl, frest = tok.img_to_idxBl_and_frest(img)
         assert [t.shape for t in sample["idx_Bl"]] == [(1,), (4,), (16,)]
         for stored, want in zip(sample["idx_Bl"], idx_Bl):

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from data_tools import plan, s3io, schema
-from data_tools.reader import (ReaderConfig, SharedBatchRing, StreamingReader, TooManyBadSamplesError, take_ring_batch,
-                               to_unit_range)
+from data_tools.reader import ReaderConfig, StreamingReader, TooManyBadSamplesError
+from data_tools.samples import SharedBatchRing, take_ring_batch, to_unit_range
 from data_tools.s3io import StorageReadError
 from faultproxy import FaultProxy
 

@@ -527,7 +527,7 @@ def top_k_candidates(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> tupl
         return None
     flat = logits_BlV.reshape(-1, V)
     vals, cand = flat.topk(k, dim=-1, largest=True, sorted=False)
-    if bool(((flat >= vals.amin(dim=-1, keepdim=True)).sum(dim=-1) > k).any()):
+    if bool((torch.count_nonzero(flat >= vals.amin(dim=-1, keepdim=True), dim=-1) > k).any()):
         return None
     probs = filter_top_k_top_p(vals[:, None], 0, top_p).softmax(dim=-1)[:, 0]
     return probs, cand

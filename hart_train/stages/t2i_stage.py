@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from data_tools.encode import load_tokenizer
-from data_tools.reader import StreamingReader, to_unit_range
+from data_tools.reader import StreamingReader
+from data_tools.samples import to_unit_range
 from data_tools.text_encoder import TextEncoder
 from hart_train.models import HARTForT2I
 from hart_train.models.hart_t2i import load_official_state_dict

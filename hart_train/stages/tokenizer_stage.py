@@ -26,7 +26,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
-from data_tools.reader import ReaderConfig, StreamingReader, to_unit_range
+from data_tools.reader import ReaderConfig, StreamingReader
+from data_tools.samples import to_unit_range
 from hart_train import distributed as D
 from hart_train import zero_utils
 from tokenizer.autoencoder import HARTAutoEncoder
