@@ -37,9 +37,12 @@ import time
 import numpy as np
 from PIL import Image
 
-from data_tools import plan, schema
-from data_tools.reader import ReaderConfig, StreamingReader
-from data_tools.samples import decode_image
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import free_port  # noqa: E402
+
+from data_tools import plan, schema  # noqa: E402
+from data_tools.reader import ReaderConfig, StreamingReader  # noqa: E402
+from data_tools.samples import decode_image  # noqa: E402
 
 try:
     from data_tools.shard import shard_dataset
@@ -218,9 +221,7 @@ def start_s3_server(local: str) -> tuple[subprocess.Popen, str]:
     threads sharing the reader's interpreter), holding a copy of the shards at s3://bench/shards."""
     import fsspec
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-c", "import sys; from moto.server import main; main(sys.argv[1:])",
                                "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
