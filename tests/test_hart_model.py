@@ -246,6 +246,12 @@ def test_top_k_candidate_sampling_draws_from_the_filtered_distribution():
     tied = sample_top_k_top_p(torch.zeros(1, 4000, 50), 7, 0.8, g)  # the fallback: 40 of 50 kept, not 7
     kept = filter_top_k_top_p(torch.zeros(1, 1, 50), 7, 0.8).isfinite().flatten().nonzero().flatten()
     assert len(kept) == 40 and tied.unique().tolist() == kept.tolist()
+    # one tied row among free ones: only that row leaves the fast path; both rows keep their distribution
+    mixed = torch.cat((logits[:1, :1].expand(1, 20000, 50), torch.zeros(1, 20000, 50)), dim=1)
+    draws = sample_top_k_top_p(mixed, 7, 0.8, g)
+    freq = torch.bincount(draws[0, :20000], minlength=50).double() / 20000
+    assert torch.allclose(freq, ref[0].double(), atol=0.015)
+    assert draws[0, 20000:].unique().tolist() == kept.tolist()
 
 
 # ---------------------------------------------------------------------- KV cache
