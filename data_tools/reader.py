@@ -7,7 +7,7 @@ alone, so the resume state is tiny and global: ``{seed, epoch, samples_consumed,
 
 Design decisions:
 - Ranks and workers are split by the plan, not by webdataset's splitters (its default node splitter
-  raises with WORLD_SIZE > 1, and it has no s3:// handler). Tars are parsed by ``s3io.iter_tar``
+  raises with WORLD_SIZE > 1, and it has no s3:// handler). Tars are parsed by ``tars.iter_shard``
   over ``s3io.ChunkedReader`` (retrying ranged reads; local paths and s3:// alike).
 - Rank and world size are constructor arguments (the trainer passes torch.distributed's); the
   reader never reads them from the environment. S3 endpoint and credentials come only from the
@@ -57,7 +57,7 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_tools import plan as planning
-from data_tools import s3io, schema, storage, token_format
+from data_tools import s3io, schema, storage, tars, token_format
 from data_tools.samples import (ImageBatch, SharedBatchRing, TokenBatch, decode_sample, decode_token_sample,
                                 take_ring_batch)
 
@@ -156,7 +156,7 @@ class ShardSource:
         self._policy = config.retry_policy()
         self._filesystems: dict = {}  # one client per protocol per process: creating one costs ~0.1 s
         # the members a sample of this kind is made of (others are skipped unread)
-        self._exts = frozenset(token_format.MEMBERS) if config.kind == "tokens" else s3io.IMAGE_SAMPLE_EXTS
+        self._exts = frozenset(token_format.MEMBERS) if config.kind == "tokens" else tars.IMAGE_SAMPLE_EXTS
 
     def _open(self, url: str):
         protocol = url.split("://", 1)[0] if "://" in url else "file"
@@ -181,11 +181,11 @@ class ShardSource:
         ref = self._shards[shard]
         fs, path = self._open(ref.url)
         with s3io.ChunkedReader(fs, path, ref.num_bytes, self._policy, self._config.read_block_bytes) as reader:
-            stream = s3io.iter_shard(reader, set(indices), max(indices), self._exts)
+            stream = tars.iter_shard(reader, set(indices), max(indices), self._exts)
             for sample_id, index in zip(run_ids, indices):
                 try:
                     got = next(stream, None)
-                except s3io.TarFormatError:  # a truncated or corrupt tar: the rest of it is missing
+                except tars.TarFormatError:  # a truncated or corrupt tar: the rest of it is missing
                     got = None
                 if got is None:
                     yield sample_id, None, None

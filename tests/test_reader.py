@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_tools import plan, s3io, schema
+from data_tools import plan, schema, tars
 from data_tools.reader import ReaderConfig, StreamingReader, TooManyBadSamplesError
 from data_tools.samples import SharedBatchRing, take_ring_batch, to_unit_range
 from data_tools.s3io import StorageReadError
@@ -342,6 +342,12 @@ def test_exhausted_retries_give_a_clear_error(local_ds, s3_bucket, s3_server, mo
     assert proxy.counts["503"] == 3
 
 
+def test_tar_checksum_by_adler32_is_the_exact_byte_sum():
+    rng = np.random.default_rng(0)
+    blocks = [bytes(512), b"\xff" * 512, b"\xff" * 256 + bytes(256)] + [rng.bytes(512) for _ in range(200)]
+    assert [tars._byte_sum(b) for b in blocks] == [sum(b) for b in blocks]
+
+
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_tar_parser_matches_tarfile(fmt):
     names = ["a/000000_000000.jpg", "d" * 60 + "/" + "k" * 90 + ".txt", "000000_000001.json"]
@@ -360,10 +366,10 @@ def test_tar_parser_matches_tarfile(fmt):
         def skip(self, n):
             return len(self.read(n))
 
-    got = list(s3io.iter_tar(Stream(buf.getvalue()), want=lambda n: not n.endswith(".json")))
+    got = list(tars.iter_tar(Stream(buf.getvalue()), want=lambda n: not n.endswith(".json")))
     assert [n for n, _ in got] == names
     assert got[0][1] == b"\0" * 3 and got[1][1] == b"\1" * 703 and got[2][1] is None
-    with pytest.raises(s3io.TarFormatError, match="checksum"):
+    with pytest.raises(tars.TarFormatError, match="checksum"):
         broken = bytearray(buf.getvalue())
         broken[10] ^= 0xFF
-        list(s3io.iter_tar(Stream(bytes(broken)), want=lambda n: True))
+        list(tars.iter_tar(Stream(bytes(broken)), want=lambda n: True))
