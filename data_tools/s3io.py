@@ -15,6 +15,9 @@ Design decisions:
   transient and fail at once.
 - ``ChunkedReader`` is the file object ``data_tools.tars`` parses: a read inside the current block
   is one slice of it (no list and join), as the parser asks for every 512-byte header.
+- Local shards are memory-mapped instead (``MappedReader``, chosen by ``open_shard``): each member is
+  copied once, out of the page cache, where a read() would copy every byte into a fresh block first
+  (and fault in that block's pages): ~27 us of a ~530 us 256px sample, hand-measured.
 - Endpoint and credentials come from the environment (see ``storage``); error messages go through
   ``storage.redact`` anyway.
 """
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import errno
 import http.client
+import mmap
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -218,3 +223,48 @@ class ChunkedReader:
             self._pos_in_buf += take
             left -= take
         return n - left
+
+
+class MappedReader:
+    """`ChunkedReader`'s interface over a memory-mapped local file (of at most `size` bytes)."""
+
+    def __init__(self, path: str, size: int):
+        with open(path, "rb") as f:
+            length = min(size, os.fstat(f.fileno()).st_size)
+            self._map = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ) if length else None
+        if self._map is not None and hasattr(mmap, "MADV_SEQUENTIAL"):  # read ahead more, drop behind
+            self._map.madvise(mmap.MADV_SEQUENTIAL)
+        self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        start = self._pos
+        self._pos = len(self._view) if n < 0 else min(start + n, len(self._view))
+        return bytes(self._view[start : self._pos])
+
+    def skip(self, n: int) -> int:
+        start = self._pos
+        self._pos = min(start + n, len(self._view))
+        return self._pos - start
+
+    def close(self) -> None:
+        self._view.release()
+        if self._map is not None:
+            self._map.close()
+
+    def __enter__(self) -> "MappedReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_shard(fs, path: str, size: int, policy: RetryPolicy, block_size: int):
+    """A forward-only reader of a shard's first `size` bytes: mapped if local, ranged reads otherwise.
+    A local file that cannot be opened goes through the retrying reader, which reports it."""
+    if path_label(fs, path) == path:
+        try:
+            return MappedReader(path, size)
+        except OSError:
+            pass
+    return ChunkedReader(fs, path, size, policy, block_size)

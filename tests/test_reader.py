@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_tools import plan, schema, tars
+from data_tools import plan, s3io, schema, tars
 from data_tools.reader import ReaderConfig, StreamingReader, TooManyBadSamplesError
 from data_tools.samples import SharedBatchRing, take_ring_batch, to_unit_range
 from data_tools.s3io import StorageReadError
@@ -340,6 +340,38 @@ def test_exhausted_retries_give_a_clear_error(local_ds, s3_bucket, s3_server, mo
             take(StreamingReader(cfg), 1)
     assert "testing-secret-value" not in str(info.value)
     assert proxy.counts["503"] == 3
+
+
+@pytest.mark.parametrize("cut", [None, 5000, 1030])
+def test_mapped_and_ranged_shard_readers_agree(tmp_path, cut):
+    """Local shards are memory-mapped, S3 ones read in ranges: the same bytes, the same samples, the same
+    end of a truncated shard (`cut` bytes kept)."""
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as tf:
+        for i in range(6):
+            for ext, size in (("jpg", 700 * i + 5), ("txt", 9), ("json", 2)):
+                _add(tf, f"{i:06d}_000000.{ext}", bytes([i]) * size)
+    if cut is not None:
+        path.write_bytes(path.read_bytes()[:cut])
+    size = os.path.getsize(path) if cut is None else 1 << 20  # a manifest that promises more than is there
+    fs = fsspec.filesystem("file")
+    policy = s3io.RetryPolicy(1, 0, 0)
+
+    def samples(reader):
+        got = []
+        with reader:
+            try:
+                for sample in tars.iter_shard(reader, {0, 2, 3, 5}, 5):
+                    got.append(sample)
+            except tars.TarFormatError as e:
+                got.append(str(e))
+        return got
+
+    mapped = samples(s3io.open_shard(fs, str(path), size, policy, 1 << 10))
+    ranged = samples(s3io.ChunkedReader(fs, str(path), size, policy, 1 << 10))
+    assert isinstance(s3io.open_shard(fs, str(path), size, policy, 1 << 10), s3io.MappedReader)
+    assert mapped == ranged
+    assert [s[0] for s in mapped if isinstance(s, tuple)] == ([0, 2, 3, 5] if cut is None else [0] if cut == 5000 else [])
 
 
 def test_tar_checksum_by_adler32_is_the_exact_byte_sum():
