@@ -20,9 +20,11 @@ Design decisions:
 - Images come out as **uint8** ``(B, 3, H, W)`` tensors (4x less inter-process traffic than float)
   in channels_last memory layout (decoders produce HWC; no transpose copy); ``samples.to_unit_range`` maps
   them to float in [-1, 1] (call ``.contiguous()`` if a consumer needs NCHW-contiguous memory).
-  A worker fills a small ring of shared-memory buffers in turn and the main process copies each batch
-  out as it arrives (``samples.SharedBatchRing``): a fresh shared buffer per batch cost a third of the decode
-  time in page faults.
+  A worker writes its batches into a few shared-memory slots that the main process hands on in place
+  and gives back once nothing references them (``samples.SharedBatchRing``, ``samples.RingReceiver``):
+  a fresh shared buffer per batch cost a third of the decode time in page faults, a copy in the main
+  process ~30 us per 256² image. The images of a batch live in that shared memory: ``.clone()`` them
+  before sending them to another process (the slot is reused once this process lets go of it).
 - Per worker, a thread reads the next window of raw samples (across epoch ends too) while the
   current one is decoded, so S3 latency overlaps decoding and at most two windows of raw bytes are in
   memory.
@@ -58,8 +60,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_tools import plan as planning
 from data_tools import s3io, schema, storage, tars, token_format
-from data_tools.samples import (ImageBatch, SharedBatchRing, TokenBatch, decode_sample, decode_token_sample,
-                                take_ring_batch)
+from data_tools.samples import (ImageBatch, RingReceiver, SharedBatchRing, TokenBatch, decode_sample,
+                                decode_token_sample)
 
 KINDS = ("images", "tokens")
 
@@ -340,7 +342,7 @@ class RankDataset(IterableDataset):
         ring = None
         if info is not None and self.config.kind == "images":
             shape = (self.config.batch_size, self.config.resolution, self.config.resolution, 3)
-            ring = SharedBatchRing(loader_worker, self.config.prefetch_factor + 2, shape)
+            ring = SharedBatchRing(loader_worker, shape)
         plans = self.worker_plans(loader_worker, num_workers)
         return worker_batches(plans, ShardSource(self.shards, self.config), self.config, ring)
 
@@ -392,7 +394,7 @@ class StreamingReader:
         self._segments: list[planning.Segment] = []
         self._bad: Counter = Counter()
         self._batches = None  # the live DataLoader iterator, for close()
-        self._mapped: dict = {}  # the live workers' ring slots, mapped here (see take_ring_batch)
+        self._ring = RingReceiver()  # the live workers' shared batch slots, mapped here
         self._left_cache: tuple | None = None  # see _left_before_open_segment
 
     @property
@@ -486,7 +488,7 @@ class StreamingReader:
         batches = self._batches = iter(loader)
         try:
             for batch in batches:
-                batch = take_ring_batch(batch, self._mapped)
+                batch = self._ring.take(batch)
                 self._roll_epoch_if_done()  # the previous batch may have ended an epoch
                 self._open_segment()
                 assert batch["epoch"] == self._epoch, ("a worker is in another epoch", batch["epoch"], self._epoch)
@@ -506,7 +508,7 @@ class StreamingReader:
         DataLoader iterator's own shutdown asks them to stop and stops watching their pids; any worker
         still alive after it is killed. Workers hold no state worth keeping (it lives in this process)."""
         batches, self._batches = self._batches, None
-        self._mapped.clear()
+        self._ring.clear()
         workers = list(getattr(batches, "_workers", []))  # torch's multi-process iterator keeps them here
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:

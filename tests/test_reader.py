@@ -18,7 +18,7 @@ from PIL import Image
 
 from data_tools import plan, s3io, schema, tars
 from data_tools.reader import ReaderConfig, StreamingReader, TooManyBadSamplesError
-from data_tools.samples import SharedBatchRing, take_ring_batch, to_unit_range
+from data_tools.samples import RingReceiver, SharedBatchRing, to_unit_range
 from data_tools.s3io import StorageReadError
 from faultproxy import FaultProxy
 
@@ -195,7 +195,7 @@ def test_workers_carry_on_across_epochs(local_ds):
     """One DataLoader serves every epoch. 60 samples in batches of 4 are 15 steps, odd, so the two
     workers swap planned roles at each epoch end; every batch must still equal what a reader restarted
     from the saved state gives, and batches held by the caller must survive the workers' reuse of
-    their shared buffers (45 batches held, 4 buffers per worker)."""
+    their shared buffers (45 batches held)."""
     url, keys = local_ds
     reader = StreamingReader(config(url))
     steps = reader.steps_left_in_epoch()
@@ -219,31 +219,39 @@ def test_workers_carry_on_across_epochs(local_ds):
         restored.close()
 
 
-def test_a_refilled_ring_slot_is_detected_not_passed_on():
-    """A worker's shared slot refilled before the main process copied its batch out must raise, and a
-    batch already taken must not change when its slot is refilled."""
-    ring = SharedBatchRing(worker=0, slots=1, max_shape=(2, 4, 4, 3))
-    images = [np.full((4, 4, 3), v, dtype=np.uint8) for v in (1, 2)]
+def test_ring_slots_are_reused_only_once_their_batch_is_released():
+    """Batches reach the caller as views of a worker's shared slots. A slot is written again only after
+    nothing in the main process references its batch; while the caller holds batches the worker adds
+    slots instead, and a slot whose state does not match its batch raises instead of passing it on."""
+    ring = SharedBatchRing(worker=0, max_shape=(2, 4, 4, 3))
+    receiver = RingReceiver()
 
-    def fill(values):
+    def fill(*values):
         rows = ring.open_slot()
         for i, v in enumerate(values):
-            rows[i] = images[0] * v
+            rows[i] = v
         return ring.close_slot(len(values))
 
-    mapped: dict = {}
-    first = take_ring_batch({"_ring": fill([1, 2]), "key": ["a", "b"]}, mapped)
-    assert first["image"].shape == (2, 3, 4, 4) and first["image"][1, 0, 0, 0] == 2
-    stale = fill([7])  # slot 0 again: seq 1
-    assert first["image"][1, 0, 0, 0] == 2 and first["image"][0, 0, 0, 0] == 1  # the taken batch is a copy
-    second = take_ring_batch({"_ring": stale, "key": ["c"]}, mapped)
-    assert second["image"].shape == (1, 3, 4, 4) and int(second["image"].max()) == 7
-    overwritten = fill([3])  # seq 2 lands in the slot of seq 1
-    with pytest.raises(RuntimeError, match="refilled"):
-        take_ring_batch({"_ring": stale, "key": ["c"]}, mapped)
-    ring.open_slot()  # seq 3 being written: the slot says so (-1) until close_slot
-    with pytest.raises(RuntimeError, match="refilled"):
-        take_ring_batch({"_ring": overwritten, "key": ["d"]}, mapped)
+    first = receiver.take({"_ring": fill(1, 2), "key": ["a", "b"]})
+    assert first["image"].shape == (2, 3, 4, 4) and first["image"][1].unique().tolist() == [2]
+    view = first["image"][1:].float()[0, 0]  # a derived tensor is a copy; a view keeps the slot lent
+    kept = first["image"][0].numpy()
+    del first
+    held = [receiver.take({"_ring": fill(v), "key": [str(v)]}) for v in (3, 4, 5)]
+    assert ring.num_slots == 4  # slot 0 is still referenced through `kept`: never refilled
+    assert kept.min() == kept.max() == 1 and view.unique().tolist() == [2.0]
+    assert [int(b["image"].max()) for b in held] == [3, 4, 5]
+    del kept, held
+    receiver.release_unused()
+    for v in range(6, 30):  # the caller now drops each batch before the next: no more slots
+        batch = receiver.take({"_ring": fill(v), "key": [str(v)]})
+        assert batch["image"].unique().tolist() == [v]
+        del batch
+    assert ring.num_slots == 4
+    published = fill(7)
+    SharedBatchRing.views(ring._storages[published["slot"]], (0,))[0].fill_(SharedBatchRing.WRITING)
+    with pytest.raises(RuntimeError, match="torn"):
+        receiver.take({"_ring": published, "key": ["x"]})
 
 
 @pytest.mark.parametrize("new_world", [1, 3])
