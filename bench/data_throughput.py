@@ -14,7 +14,7 @@ shard writer. Prints one JSON object.
   chunks of one batch.
 Rates are steady state: counted from the first batch (or chunk) on; the time to it is reported as
 `seconds_to_first_batch` (worker start-up and the first shuffle window's read). Each figure is the
-median of `--runs` interleaved runs. `cpu_ms_per_sample` over the same span (this process, the
+median of `--runs` interleaved runs; the ratios of each round are listed too (`*_per_run`). `cpu_ms_per_sample` over the same span (this process, the
 workers, and the S3 server process; from /proc) is reported too: unlike samples/s it is robust to
 other load on a shared machine. Targets: reader >= 0.85 of the bound, S3 >= 0.90 of local.
 """
@@ -279,6 +279,10 @@ def main(argv: list[str] | None = None) -> dict:
         "reader_s3_samples_per_s": round(remote, 1),
         "reader_over_decode_bound": round(local / bound, 3),
         "s3_over_local": round(remote / local, 3),
+        # the same ratios round by round (each round runs the three back to back): the spread shows how
+        # much of a miss or a pass is the machine
+        "reader_over_decode_bound_per_run": [round(a[0] / b[0], 3) for a, b in zip(runs["local"], runs["bound"])],
+        "s3_over_local_per_run": [round(a[0] / b[0], 3) for a, b in zip(runs["s3"], runs["local"])],
         "seconds_to_first_batch": startup,
         "cpu_ms_per_sample": cpu,  # robust to other load on a shared machine
         "load_average_1min": round(os.getloadavg()[0], 2),
