@@ -14,9 +14,12 @@ shard writer. Prints one JSON object.
   chunks of one batch.
 Rates are steady state: counted from the first batch (or chunk) on; the time to it is reported as
 `seconds_to_first_batch` (worker start-up and the first shuffle window's read). Each figure is the
-median of `--runs` interleaved runs; the ratios of each round are listed too (`*_per_run`). `cpu_ms_per_sample` over the same span (this process, the
-workers, and the S3 server process; from /proc) is reported too: unlike samples/s it is robust to
-other load on a shared machine. Targets: reader >= 0.85 of the bound, S3 >= 0.90 of local.
+median of `--runs` interleaved runs; the ratios of each round are listed too (`*_per_run`).
+`cpu_ms_per_sample` over the same span (this process, the workers, and the S3 server process; from
+/proc) is reported too: unlike samples/s it is robust to other load on a shared machine.
+`batch_slots_per_worker`: the shared-memory batch slots each reader worker had made by its last batch
+(the loop holds one batch at a time, as a trainer does). Targets: reader >= 0.85 of the bound, S3 >=
+0.90 of local.
 """
 
 from __future__ import annotations
@@ -120,9 +123,10 @@ class CpuMeter:
 
 
 def time_reader(url: str, resolution: int, workers: int, batch: int, epochs: int,
-                server_pid: int | None = None) -> tuple[float, float, dict]:
-    """(samples/s, seconds to the first batch, CPU ms/sample) of `epochs` epochs through one reader.
-    Rate and CPU count from the first batch on: steady state, with start-up as its own figure."""
+                server_pid: int | None = None) -> tuple[float, float, dict, dict]:
+    """(samples/s, seconds to the first batch, CPU ms/sample, batch slots per worker) of `epochs` epochs
+    through one reader. Rate and CPU count from the first batch on: steady state, with start-up as its
+    own figure."""
     cfg = ReaderConfig(urls=[url], resolution=resolution, batch_size=batch, num_workers=workers, seed=0)
     reader = StreamingReader(cfg)
     steps = epochs * plan.num_steps(reader.num_samples, 1, batch)
@@ -132,10 +136,10 @@ def time_reader(url: str, resolution: int, workers: int, batch: int, epochs: int
     start, cpu = time.perf_counter(), CpuMeter(server_pid)
     count = sum(len(b["key"]) for b in itertools.islice(batches, steps - 1))
     elapsed = time.perf_counter() - start
-    cpu_per_sample = cpu.per_sample(count)
+    cpu_per_sample, slots = cpu.per_sample(count), reader.batch_slots()
     reader.close()
     assert first + count == epochs * reader.num_samples, (first + count, reader.num_samples)
-    return count / elapsed, start - begin, cpu_per_sample
+    return count / elapsed, start - begin, cpu_per_sample, slots
 
 
 def _decode_range(args: tuple[int, int, int]) -> int:
@@ -145,7 +149,7 @@ def _decode_range(args: tuple[int, int, int]) -> int:
     return hi - lo
 
 
-def time_decode_bound(dataset: str, resolution: int, workers: int, epochs: int) -> tuple[float, float, dict]:
+def time_decode_bound(dataset: str, resolution: int, workers: int, epochs: int) -> tuple[float, float, dict, dict]:
     """(samples/s, seconds to the first chunk, CPU ms/sample) of the pool, counted as `time_reader`."""
     global _POOL_SAMPLES
     _POOL_SAMPLES = [data for path in sorted(os.listdir(dataset)) if path.endswith(".tar")
@@ -163,7 +167,7 @@ def time_decode_bound(dataset: str, resolution: int, workers: int, epochs: int) 
     pool.close()
     pool.join()
     assert first + count == epochs * n
-    return count / elapsed, start - begin, cpu_per_sample
+    return count / elapsed, start - begin, cpu_per_sample, {}
 
 
 def _image_bytes(path: str) -> list[bytes]:
@@ -256,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         dataset, shard_result = build_dataset(tmp, args.samples, args.resolution, args.workers, args.runs)
         server, s3_url = start_s3_server(dataset)
-        runs: dict[str, list[tuple[float, float, dict]]] = {"bound": [], "local": [], "s3": []}
+        runs: dict[str, list[tuple[float, float, dict, dict]]] = {"bound": [], "local": [], "s3": []}
         try:
             for _ in range(args.runs):  # interleaved, so drifting machine load hits all three alike
                 runs["bound"].append(time_decode_bound(dataset, args.resolution, args.workers, args.epochs))
@@ -266,9 +270,10 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             server.kill()
             server.wait()
-    rate = {k: statistics.median(r for r, _, _ in v) for k, v in runs.items()}
-    startup = {k: round(statistics.median(s for _, s, _ in v), 3) for k, v in runs.items()}
-    cpu = {k: {part: statistics.median(c[part] for _, _, c in v) for part in v[0][2]} for k, v in runs.items()}
+    rate = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
+    startup = {k: round(statistics.median(r[1] for r in v), 3) for k, v in runs.items()}
+    cpu = {k: {part: statistics.median(r[2][part] for r in v) for part in v[0][2]} for k, v in runs.items()}
+    slots = {k: max(n for r in runs[k] for n in r[3].values()) for k in ("local", "s3")}
     bound, local, remote = rate["bound"], rate["local"], rate["s3"]
     result = {
         "samples": args.samples, "epochs": args.epochs, "resolution": args.resolution, "workers": args.workers, "batch": args.batch,
@@ -285,6 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
         "s3_over_local_per_run": [round(a[0] / b[0], 3) for a, b in zip(runs["s3"], runs["local"])],
         "seconds_to_first_batch": startup,
         "cpu_ms_per_sample": cpu,  # robust to other load on a shared machine
+        "batch_slots_per_worker": slots,  # the most any worker made in any run
         "load_average_1min": round(os.getloadavg()[0], 2),
         "targets": {"reader_over_decode_bound": 0.85, "s3_over_local": 0.90},
     }  # fmt: skip

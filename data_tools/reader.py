@@ -8,7 +8,7 @@ alone, so the resume state is tiny and global: ``{seed, epoch, samples_consumed,
 Design decisions:
 - Ranks and workers are split by the plan, not by webdataset's splitters (its default node splitter
   raises with WORLD_SIZE > 1, and it has no s3:// handler). Tars are parsed by ``tars.iter_shard``
-  over ``s3io.ChunkedReader`` (retrying ranged reads; local paths and s3:// alike).
+  over ``s3io.open_shard`` (local files memory-mapped, S3 objects read in retrying ranged reads).
 - Rank and world size are constructor arguments (the trainer passes torch.distributed's); the
   reader never reads them from the environment. S3 endpoint and credentials come only from the
   environment / AWS config, never from ``ReaderConfig``.
@@ -418,6 +418,10 @@ class StreamingReader:
         if self._left_cache is None or self._left_cache[0] != closed:
             self._left_cache = (closed, self.num_samples - planning.samples_consumed(self._counts, list(closed)))
         return self._left_cache[1]
+
+    def batch_slots(self) -> dict[int, int]:
+        """Shared-memory batch slots per worker of the live iterator (each holds one batch)."""
+        return self._ring.slots_per_worker()
 
     def _shape(self) -> tuple[int, int, int]:
         return self.world_size, max(1, self.config.num_workers), self.config.batch_size

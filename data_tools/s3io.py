@@ -149,9 +149,16 @@ def read_object(fs, path: str, policy: RetryPolicy) -> bytes:
     return call_with_retries(lambda: fs.cat_file(path), path_label(fs, path), policy)
 
 
+def _protocol(fs) -> str:
+    return fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+
+
+def _is_local(fs) -> bool:
+    return _protocol(fs) in ("file", "local")
+
+
 def path_label(fs, path: str) -> str:
-    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+    return path if _is_local(fs) else f"{_protocol(fs)}://{path}"
 
 
 class ChunkedReader:
@@ -238,7 +245,7 @@ class MappedReader:
         with open(path, "rb") as f:
             length = min(size, os.fstat(f.fileno()).st_size)
             self._map = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ) if length else None
-        if self._map is not None and hasattr(mmap, "MADV_SEQUENTIAL"):  # read ahead more, drop behind
+        if self._map is not None and hasattr(mmap, "MADV_SEQUENTIAL"):  # the kernel reads further ahead
             self._map.madvise(mmap.MADV_SEQUENTIAL)
         self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
         self._pos = 0
@@ -268,7 +275,7 @@ class MappedReader:
 def open_shard(fs, path: str, size: int, policy: RetryPolicy, block_size: int):
     """A forward-only reader of a shard's first `size` bytes: mapped if local, ranged reads otherwise.
     A local file that cannot be opened goes through the retrying reader, which reports it."""
-    if path_label(fs, path) == path:
+    if _is_local(fs):
         try:
             return MappedReader(path, size)
         except OSError:

@@ -147,8 +147,9 @@ class SharedBatchRing:
     main process (`RingReceiver`) sets FREE only when nothing references the slot's storage any more
     (torch's storage use count is back to what the receiver's own mapping holds), and the worker only
     writes into a FREE slot or a new one: so no batch anyone can still see is ever overwritten. When no
-    slot is free (the consumer holds on to batches, or prefetching is ahead) the worker adds a slot:
-    in steady state a worker uses about `prefetch_factor + 3` of them."""
+    slot is free (the consumer holds on to batches, or prefetching is ahead) the worker adds a slot: a
+    worker needs at most about `prefetch_factor + 3` while the consumer keeps only the batch it works on
+    (4 per worker at prefetch_factor 2 in `bench/data_throughput.py`'s `batch_slots_per_worker`)."""
 
     HEADER = 8  # bytes: the int64 state in front of each slot's pixels
     FREE, WRITING = -2, -1
@@ -157,36 +158,35 @@ class SharedBatchRing:
         self._worker, self._max_shape = worker, tuple(max_shape)
         self._storages: list[torch.Tensor] = []  # per slot: uint8, header + the largest batch
         self._seq = 0
-        self._sent = 0  # slots whose storage went to the main process (slots are added in order)
-        self._open: tuple[int, torch.Tensor] | None = None
+        self._open: tuple[int, torch.Tensor, bool] | None = None  # slot, its state word, newly made
 
     def open_slot(self) -> np.ndarray:
         """A free slot's pixels, (max batch, H, W, 3), marked as being written."""
         assert self._open is None, "close_slot the previous batch first"
+        new = False
         for slot, storage in enumerate(self._storages):
             header, pixels = self.views(storage, self._max_shape)
             if int(header.item()) == self.FREE:
                 break
         else:
+            new = True
             slot = len(self._storages)
             self._storages.append(torch.empty(0, dtype=torch.uint8).set_(
                 torch.UntypedStorage._new_shared(self.HEADER + int(np.prod(self._max_shape)))))
             header, pixels = self.views(self._storages[slot], self._max_shape)
         header.fill_(self.WRITING)
-        self._open = slot, header
+        self._open = slot, header, new
         return pixels.numpy()
 
     def close_slot(self, count: int) -> dict:
         """Publish the open slot's first `count` rows as the next batch; returns what the main process
         needs to find it (and, on the slot's first use, its storage)."""
-        slot, header = self._open
+        slot, header, new = self._open
         self._open = None
         seq, self._seq = self._seq, self._seq + 1
         header.fill_(seq)
-        first_use = slot == self._sent
-        self._sent += first_use
         return {"worker": self._worker, "slot": slot, "seq": seq, "shape": (count, *self._max_shape[1:]),
-                "storage": self._storages[slot] if first_use else None}
+                "storage": self._storages[slot] if new else None}
 
     @property
     def num_slots(self) -> int:
@@ -238,6 +238,12 @@ class RingReceiver:
             else:
                 SharedBatchRing.views(storage, (0,))[0].fill_(SharedBatchRing.FREE)
         self._lent = still
+
+    def slots_per_worker(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for worker, _ in self._mapped:
+            counts[worker] = counts.get(worker, 0) + 1
+        return counts
 
     def clear(self) -> None:
         """Forget the slots (their workers are gone); batches still held keep their memory."""
