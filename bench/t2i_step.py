@@ -1,11 +1,13 @@
 """HART transformer benchmarks: 1024px training step (block-sparse vs dense-mask attention), ZeRO-3
 per-rank memory, and sampling latency with and without the KV cache. Prints one JSON object.
 
-    python bench/t2i_step.py [--repeats 5] [--warmup 1] [--skip step,micro,zero,sample] [--depth 2]
+    python bench/t2i_step.py [--repeats 5] [--warmup 1] [--skip step,micro,zero,sample] [--depth 16]
+                             [--host-malloc keep|default]
 
-1. `train_step`: forward + backward + AdamW step of `HARTForT2I` at small width (depth 2 or `--depth`, C 128,
-   4 heads, V 4096, Cv 32, 300 x 64 text) on the full 1024px schedule, batch 1, with the model's block-sparse
-   attention and with a dense additive fp32 mask, both with the released last-scale token dropping and
+1. `train_step`: forward + backward + AdamW step of `HARTForT2I` at small width and the released depth
+   (16 blocks or `--depth`, C 128, 4 heads, V 4096, Cv 32, 300 x 64 text) on the full 1024px schedule,
+   batch 1, with the model's block-sparse attention and with a dense additive fp32 mask, both with the
+   released last-scale token dropping and
    with it disabled (`last_scale_min_keep = 4096`, the whole 9750-token sequence). The two kernels run
    interleaved on identically initialised models and identical random draws (one generator seed per
    step), so the sequence length is the same for both. The model routes all training attention through
@@ -16,7 +18,10 @@ per-rank memory, and sampling latency with and without the KV cache. Prints one 
    Tokens/s counts the transformer sequence (text + image inputs after dropping) per step. The mask only
    touches the blocks' attention: the head (V 4096 over every image position), the loss and the last-scale
    sampling run once per step whatever the depth, so the speedup grows with `--depth` toward the
-   per-block one (the released model has 16 blocks; depth 2 weighs the once-per-step work 8x more).
+   per-block one (`--depth 2`, this bench's default until session 4 and 8x faster to run, weighs the
+   once-per-step work 8x more than the released model does).
+   The process keeps freed host memory (`hart_train.host_memory`, as the trainer does by default;
+   `--host-malloc default` for glibc's own behaviour), so steps do not page-fault their buffers in anew.
    A profiled step of each kernel breaks the time down by operator group.
 2. `attention_micro`: forward + backward of one attention call at L = 9750, 4 heads x 64, block-sparse
    against SDPA with the prebuilt dense mask, and the fraction of (query, key) pairs the block-causal
@@ -53,6 +58,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, free_port, load_average, log, summarize, time_interleaved  # noqa: E402
 
+from hart_train import host_memory  # noqa: E402
 from hart_train.models import HARTForT2I, hart_config  # noqa: E402
 from hart_train.models import blocks as blocks_mod  # noqa: E402
 from hart_train.models.attention import block_causal_attention, block_causal_mask  # noqa: E402
@@ -60,7 +66,7 @@ from hart_train.models.hart_t2i import PATCH_NUMS_1024  # noqa: E402
 from hart_train.models.rope import image_positions, rope_1d, rope_2d  # noqa: E402
 from tokenizer.autoencoder import PATCH_NUMS_BY_RESOLUTION, HARTAutoEncoder, tokenizer_config  # noqa: E402
 
-STEP_MODEL = dict(depth=2, embed_dim=128, num_heads=4, patch_nums=PATCH_NUMS_1024, context_token=300, context_dim=64,
+STEP_MODEL = dict(depth=16, embed_dim=128, num_heads=4, patch_nums=PATCH_NUMS_1024, context_token=300, context_dim=64,
                   vocab_size=4096, Cvae=32, diff_width=128, diff_depth=2)
 ZERO_MODEL = dict(depth=4, embed_dim=256, num_heads=4, patch_nums=(1, 2, 3, 4), context_token=16, context_dim=64,
                   vocab_size=4096, Cvae=32, diff_width=256, diff_depth=2)
@@ -437,6 +443,8 @@ def main(argv=None) -> dict:
     p.add_argument("--depth", type=int, default=STEP_MODEL["depth"],
                    help="transformer blocks of the train_step model (the released 0.7B model has 16; attention "
                         "is per block, the head, loss and last-scale sampling once per step)")
+    p.add_argument("--host-malloc", choices=("keep", "default"), default="keep",
+                   help="keep: hart_train.host_memory.keep_freed_memory(), as the trainer; default: glibc's own")
     args = p.parse_args(argv)
     if args.depth < 1:
         raise ValueError(f"--depth must be >= 1, got {args.depth}")
@@ -447,6 +455,9 @@ def main(argv=None) -> dict:
         raise ValueError(f"--skip: unknown parts {sorted(unknown)}")
     start = time.perf_counter()
     result = {"environment": environment()}
+    result["environment"]["host_malloc"] = args.host_malloc
+    if args.host_malloc == "keep":
+        result["environment"]["host_malloc_settings_accepted"] = host_memory.keep_freed_memory()
     if "step" not in skip:
         result["train_step"] = bench_train_step(args.repeats, args.warmup, not args.no_profile)
     if "micro" not in skip:

@@ -37,6 +37,7 @@ class RunSection:
     grad_clip: float = 2.0           # VAR's tclip
     activation_checkpointing: bool = False
     num_threads: int = 0             # torch intra-op threads per rank; 0 keeps the launcher's setting
+    keep_freed_host_memory: bool = True  # glibc malloc keeps freed memory: no page faults per step (host_memory)
     init_from: Optional[str] = None  # a previous stage's checkpoint dir (or an imported official one)
 
     def __post_init__(self):

@@ -32,6 +32,7 @@ from hart_train import checkpoint as ckpt
 from hart_train import config as C
 from hart_train import distributed as D
 from hart_train import engine as E
+from hart_train import host_memory
 from hart_train import zero_utils
 from hart_train.ema import EMA
 from hart_train.metrics import MetricsLogger, read_jsonl
@@ -182,6 +183,8 @@ def train(cfg: RunConfig, stage) -> TrainResult:
     """Run (or resume) `cfg` with `stage`; returns when max_steps is reached or on preemption."""
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
+    if cfg.run.keep_freed_host_memory:
+        host_memory.keep_freed_memory()
     D.init(cfg.run.device, cfg.run.collective_timeout_s)
     device = torch.device(cfg.run.device, D.local_rank()) if cfg.run.device == "cuda" else torch.device("cpu")
     run_dir = run_dir_of(cfg)
