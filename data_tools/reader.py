@@ -25,9 +25,12 @@ Design decisions:
   a fresh shared buffer per batch cost a third of the decode time in page faults, a copy in the main
   process ~30 us per 256² image. The images of a batch live in that shared memory: ``.clone()`` them
   before sending them to another process (the slot is reused once this process lets go of it).
-- Per worker, a thread reads the next window of raw samples (across epoch ends too) while the
-  current one is decoded, so S3 latency overlaps decoding and at most two windows of raw bytes are in
-  memory.
+- A worker parses its tars in its own thread, inline with decoding; only S3 transfers run in the
+  background: `s3io.ChunkedReader` fetches a shard's next range while the current one is parsed, and
+  the next shard of the plan is opened (its first range requested) when the current one starts, so
+  S3 latency overlaps decoding. (A thread that parsed whole windows ahead cost ~3% more worker CPU
+  in GIL hand-overs and wake-ups than parsing inline, and local shards, memory-mapped, have no
+  latency to hide.) Raw bytes in memory per worker: one shuffle window's samples and up to three ranges.
 - A bad sample (undecodable image, missing image or caption, unreadable caption or JSON, or missing
   from its shard) still occupies its position: it counts as consumed and is skipped, so a batch can
   come out smaller. Each worker stops the run once its bad fraction exceeds ``max_bad_fraction``
@@ -49,10 +52,8 @@ import gc
 import itertools
 import os
 import signal
-import threading
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from queue import Queue
 from typing import Iterator
 
 import numpy as np
@@ -172,31 +173,40 @@ class ShardSource:
 
     def samples(self, ids: np.ndarray) -> Iterator[tuple[int, str | None, dict | None]]:
         """(id, key, members) for `ids` (in plan order: grouped by shard, ascending inside one);
-        key and members are None for a sample missing from its shard."""
+        key and members are None for a sample missing from its shard. Each shard is opened one run
+        ahead, so an S3 shard's first range is in flight while the previous shard is decoded."""
         if len(ids) == 0:
             return
         shard_of = np.searchsorted(self._offsets, ids, side="right") - 1
         cuts = np.flatnonzero(np.diff(shard_of)) + 1
-        for run in np.split(np.arange(len(ids)), cuts):
-            shard = int(shard_of[run[0]])
-            indices = (ids[run] - self._offsets[shard]).tolist()
-            yield from self._read_run(shard, ids[run].tolist(), indices)
+        runs = [(int(shard_of[run[0]]), ids[run]) for run in np.split(np.arange(len(ids)), cuts)]
+        ahead = self._open_shard(runs[0][0])
+        try:
+            for k, (shard, run_ids) in enumerate(runs):
+                reader, ahead = ahead, self._open_shard(runs[k + 1][0]) if k + 1 < len(runs) else None
+                with reader:
+                    yield from self._read_run(reader, run_ids.tolist(), (run_ids - self._offsets[shard]).tolist())
+        finally:
+            if ahead is not None:
+                ahead.close()
 
-    def _read_run(self, shard: int, run_ids: list[int], indices: list[int]):
+    def _open_shard(self, shard: int):
         ref = self._shards[shard]
         fs, path = self._open(ref.url)
-        with s3io.open_shard(fs, path, ref.num_bytes, self._policy, self._config.read_block_bytes) as reader:
-            stream = tars.iter_shard(reader, set(indices), max(indices), self._exts)
-            for sample_id, index in zip(run_ids, indices):
-                try:
-                    got = next(stream, None)
-                except tars.TarFormatError:  # a truncated or corrupt tar: the rest of it is missing
-                    got = None
-                if got is None:
-                    yield sample_id, None, None
-                else:
-                    assert got[0] == index, (got[0], index)
-                    yield sample_id, got[1], got[2]
+        return s3io.open_shard(fs, path, ref.num_bytes, self._policy, self._config.read_block_bytes)
+
+    def _read_run(self, reader, run_ids: list[int], indices: list[int]):
+        stream = tars.iter_shard(reader, set(indices), max(indices), self._exts)
+        for sample_id, index in zip(run_ids, indices):
+            try:
+                got = next(stream, None)
+            except tars.TarFormatError:  # a truncated or corrupt tar: the rest of it is missing
+                got = None
+            if got is None:
+                yield sample_id, None, None
+            else:
+                assert got[0] == index, (got[0], index)
+                yield sample_id, got[1], got[2]
 
 
 @dataclass
@@ -220,36 +230,6 @@ class BadCounter:
                 f"{total} of {self.seen} samples read by one worker were bad ({dict(self.bad)}), more than "
                 f"max_bad_fraction={self.max_fraction} of datasets {self.dataset}; fix or re-shard the data"
             )
-
-
-def read_ahead(items: Iterator) -> Iterator:
-    """`items`, each produced by a background thread while the caller works on the previous one
-    (network waits and libjpeg both release the GIL); at most two items exist at a time."""
-    slot: Queue = Queue(maxsize=1)
-    taken = threading.Semaphore(0)
-    stop = threading.Event()
-    done = object()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                slot.put(item)  # the slot is empty: the previous item was taken
-                while not taken.acquire(timeout=0.1):
-                    if stop.is_set():
-                        return
-            slot.put(done)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-            slot.put(e)
-
-    threading.Thread(target=produce, name="shard-reader", daemon=True).start()
-    try:
-        while (item := slot.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            taken.release()
-            yield item
-    finally:
-        stop.set()
 
 
 @dataclass(frozen=True)
@@ -280,21 +260,12 @@ def plan_windows(plan: planning.WorkerPlan, source: ShardSource) -> Iterator[tup
 
 def planned_samples(plans: Iterator[tuple[int, planning.WorkerPlan]], source: ShardSource) -> Iterator:
     """For each (epoch, plan): an `EpochStart`, then the plan's raw (key, members) samples in
-    window-shuffled order. The next window, of this epoch or the next, is read while this one is
-    decoded."""
-
-    def windows() -> Iterator:
-        for epoch, plan in plans:
-            yield EpochStart(epoch, plan)
-            yield from plan_windows(plan, source)
-
-    for item in read_ahead(windows()):
-        if isinstance(item, EpochStart):
-            yield item
-            continue
-        ids, held = item
-        for sample_id in ids.tolist():
-            yield held.pop(sample_id)
+    window-shuffled order."""
+    for epoch, plan in plans:
+        yield EpochStart(epoch, plan)
+        for ids, held in plan_windows(plan, source):
+            for sample_id in ids.tolist():
+                yield held.pop(sample_id)
 
 
 def worker_batches(plans: Iterator[tuple[int, planning.WorkerPlan]], source: ShardSource, config: ReaderConfig,
@@ -310,19 +281,21 @@ def worker_batches(plans: Iterator[tuple[int, planning.WorkerPlan]], source: Sha
         counter = BadCounter(config.max_bad_fraction, config.min_samples_for_bad_check,
                              str([storage.redact(u) for u in config.urls]))
         for size in start.plan.sizes[start.plan.first_batch :].tolist():
-            bad_before = Counter(counter.bad)
+            bad_here: dict[str, int] = {}
             batch = new_batch(size, config.resolution, ring)
             for _ in range(size):
                 reason, good = decode(*next(samples))
                 counter.record(reason)
                 if good:
                     batch.add(good)
+                else:
+                    bad_here[reason] = bad_here.get(reason, 0) + 1
             if not len(batch):
                 raise TooManyBadSamplesError(
-                    f"a whole batch of {size} samples was bad ({dict(counter.bad - bad_before)}) in datasets "
+                    f"a whole batch of {size} samples was bad ({bad_here}) in datasets "
                     f"{counter.dataset}; fix or re-shard the data"
                 )
-            yield {**batch.finish(), "epoch": start.epoch, "_bad_delta": dict(counter.bad - bad_before)}
+            yield {**batch.finish(), "epoch": start.epoch, "_bad_delta": bad_here}
 
 
 class RankDataset(IterableDataset):

@@ -9,7 +9,8 @@ never reuse a connection). Requests whose first line contains ``match`` take the
     "503"    answer a raw HTTP 503 with an S3-style XML error, without asking the upstream
     "stall"  wait ``stall_seconds`` before answering (longer than the client's read timeout)
 
-``counts`` records how many times each action was taken.
+``counts`` records how many times each action was taken, ``per_object`` how many matched requests
+each object path received.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class FaultProxy:
         self.upstream = (parsed.hostname, parsed.port)
         self.schedule, self.match, self.stall_seconds = list(schedule), match, stall_seconds
         self.counts: Counter = Counter()
+        self.per_object: Counter = Counter()
         self._matched = 0
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", port))  # port: reuse one to simulate a restart
@@ -67,12 +69,15 @@ class FaultProxy:
             threading.Thread(target=self._handle, args=(client,), daemon=True).start()
 
     def _next_action(self, head: bytes) -> str:
-        if self.match not in head.split(b"\r\n", 1)[0]:
+        first_line = head.split(b"\r\n", 1)[0]
+        if self.match not in first_line:
             return "pass"
+        path = first_line.split(b" ")[1].split(b"?")[0].decode()
         with self._lock:
             action = self.schedule[self._matched % len(self.schedule)]
             self._matched += 1
             self.counts[action] += 1
+            self.per_object[path] += 1
         return action
 
     def _handle(self, client: socket.socket) -> None:

@@ -249,7 +249,7 @@ def test_ring_slots_are_reused_only_once_their_batch_is_released():
         del batch
     assert ring.num_slots == 4
     published = fill(7)
-    SharedBatchRing.views(ring._storages[published["slot"]], (0,))[0].fill_(SharedBatchRing.WRITING)
+    SharedBatchRing.views(ring._slots[published["slot"]][0], (0,))[0].fill_(SharedBatchRing.WRITING)
     with pytest.raises(RuntimeError, match="torn"):
         receiver.take({"_ring": published, "key": ["x"]})
 
@@ -347,7 +347,9 @@ def test_exhausted_retries_give_a_clear_error(local_ds, s3_bucket, s3_server, mo
         with pytest.raises(StorageReadError, match="after 3 attempts") as info:
             take(StreamingReader(cfg), 1)
     assert "testing-secret-value" not in str(info.value)
-    assert proxy.counts["503"] == 3
+    # every shard gets at most 3 attempts (the next shard's first range is requested ahead, in the
+    # background, and gives up on its own) and the failing one had all 3
+    assert max(proxy.per_object.values()) == 3 and sum(proxy.per_object.values()) == proxy.counts["503"]
 
 
 @pytest.mark.parametrize("cut", [None, 5000, 1030])
