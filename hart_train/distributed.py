@@ -41,6 +41,31 @@ def init(device: str, timeout_s: float) -> None:
         auto_mpi_discovery=False,
         verbose=False,
     )
+    _unlink_shm_allreduce_buffer()
+
+
+SHM_DIR = "/dev/shm"
+
+
+def shm_allreduce_buffer_name(rank: int) -> str:
+    """The /dev/shm object DeepSpeed's CPU shared-memory allreduce creates for `rank` (csrc/cpu/comm/shm.cpp)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """When all ranks are on one machine, DeepSpeed's CPU backend creates a ~66 MB shared-memory
+    buffer per rank and never unlinks it, so every CPU run left its buffers in /dev/shm (RAM) for good:
+    19 GB had piled up on the development machine until a benchmark was OOM-killed. Once every rank
+    has mapped every buffer (they wait for each other inside init; the barrier makes sure all are
+    past it), each rank unlinks its own name: the mappings stay valid, and the memory is freed when
+    the last rank exits, however it exits."""
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    try:
+        os.unlink(os.path.join(SHM_DIR, shm_allreduce_buffer_name(dist.get_rank())))
+    except FileNotFoundError:  # no shared-memory allreduce here (ranks on several machines, or not built)
+        pass
 
 
 def rank() -> int:

@@ -41,3 +41,44 @@ def test_single_node_wrapper_refuses_incomplete_per_node_options(tmp_path):
     result = subprocess.run(["bash", "launch/train.sh", "--no_ssh", "--node_rank", "0", "--config", "x.yaml"],
                             cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--no_ssh needs --master_addr" in result.stderr
+
+
+_SHM_PROBE = """
+import json, os, torch
+import deepspeed.comm.comm as dcomm
+from hart_train import distributed as D
+D.init("cpu", 60)
+t = torch.full((1000,), float(D.rank() + 1))
+dcomm.inference_all_reduce(t)  # DeepSpeed's shared-memory allreduce when all ranks share a machine
+left = sorted(n for n in os.listdir(D.SHM_DIR) if n.startswith("deepspeed_allreduce_buffer"))
+print(json.dumps({"shm_op": dcomm.cdb.shm_comm_op is not None, "sum": t.unique().tolist(), "left": left,
+                  "own": D.shm_allreduce_buffer_name(D.rank())}))
+D.barrier()
+D.destroy()
+"""
+
+
+def test_deepspeed_shared_memory_buffers_do_not_outlive_the_ranks():
+    """DeepSpeed's CPU allreduce buffers (~66 MB of /dev/shm per rank) are unlinked once every rank
+    has them: the collective still works, and nothing of the run is left in /dev/shm."""
+    import json
+    import os
+
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        e = env()
+        e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", LOCAL_SIZE="2",
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, "-c", _SHM_PROBE], cwd=REPO, env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    for out in outs:
+        assert out["shm_op"], "DeepSpeed's shared-memory allreduce is not in use: this test checks nothing"
+        assert out["sum"] == [3.0]
+        assert out["own"] not in out["left"]
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce_buffer") and f"_{port}_" in n]
