@@ -107,7 +107,7 @@ def test_stored_tokens_match_recomputation(source, encoded, ckpt, minilm):
     for key in sorted(got)[::2]:  # a handful, across shards and batch positions
         sample = got[key]
         image = decode_image(src[key]["png"], 16)
-        img = to_unit_range(torch.from_numpy(image).permute(2, 0, 1)[None].contiguous())
+        img = to_unit_range(torch.from_numpy(image.copy()).permute(2, 0, 1)[None].contiguous())
         idx_Bl, frest = tok.img_to_idxBl_and_frest(img)
         assert [t.shape for t in sample["idx_Bl"]] == [(1,), (4,), (16,)]
         for stored, want in zip(sample["idx_Bl"], idx_Bl):
