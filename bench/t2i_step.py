@@ -21,7 +21,9 @@ per-rank memory, and sampling latency with and without the KV cache. Prints one 
    per-block one (`--depth 2`, this bench's default until session 4 and 8x faster to run, weighs the
    once-per-step work 8x more than the released model does).
    The process keeps freed host memory (`hart_train.host_memory`, as the trainer does by default;
-   `--host-malloc default` for glibc's own behaviour), so steps do not page-fault their buffers in anew.
+   `--host-malloc default` for glibc's own behaviour), so steps do not page-fault their buffers in anew;
+   each kernel reports its median minor page faults and system CPU per step, and `peak_rss_mb` the
+   process's peak resident memory.
    A profiled step of each kernel breaks the time down by operator group.
 2. `attention_micro`: forward + backward of one attention call at L = 9750, 4 heads x 64, block-sparse
    against SDPA with the prebuilt dense mask, and the fraction of (query, key) pairs the block-causal
@@ -47,6 +49,8 @@ import contextlib
 import json
 import math
 import os
+import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -156,14 +160,18 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
         self.batch, self.kernel, self.draw_seed = make_batch(self.model), kernel, draw_seed
         self.losses: list[float] = []
+        self.faults_and_system_s: list[tuple[int, float]] = []  # per step: minor page faults, system CPU s
         self.num_kept_last = -1
 
     def step(self):
+        before = resource.getrusage(resource.RUSAGE_SELF)
         self.opt.zero_grad(set_to_none=True)
         with attention_kernel(self.kernel):
             out = self.model(**self.batch, generator=torch.Generator().manual_seed(self.draw_seed))
             out["loss"].backward()
         self.opt.step()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        self.faults_and_system_s.append((after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime))
         self.losses.append(out["loss"].item())
         self.num_kept_last = int(out["num_kept_last"])
 
@@ -222,6 +230,9 @@ def bench_train_step(repeats: int, warmup: int, do_profile: bool) -> dict:
         for k, t in trainers.items():
             s = summarize(times[k]["wall"], times[k]["cpu"])
             s["tokens_per_s"] = round(L / s["median_s"], 1)
+            timed = t.faults_and_system_s[-repeats:]  # the timed steps (warm-up ones came first)
+            s["median_minor_page_faults_per_step"] = statistics.median(f for f, _ in timed)
+            s["median_system_cpu_s_per_step"] = round(statistics.median(sys_s for _, sys_s in timed), 3)
             s["first_loss"] = round(t.losses[0], 6)
             row[k] = s
         row["speedup_dense_over_block_sparse"] = round(row["dense_mask"]["median_s"] / row["block_sparse"]["median_s"], 3)
@@ -235,6 +246,7 @@ def bench_train_step(repeats: int, warmup: int, do_profile: bool) -> dict:
         results[label] = row
         del trainers
         _MASK_CACHE.clear()
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # the whole process
     results["target_1_5x_met"] = {label: results[label]["speedup_dense_over_block_sparse"] >= 1.5
                                   for label in ("without_dropping", "with_last_scale_dropping")}
     return results

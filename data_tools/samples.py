@@ -90,7 +90,7 @@ class ImageBatch:
     as it is decoded, while it is still in cache (holding B arrays and stacking them at the end costs
     a cold copy), then dropped. Out comes {"image": uint8 (B, 3, H, W) channels_last, "caption", "key"};
     in a DataLoader worker the buffer is a slot of its shared-memory ring and the batch carries "_ring"
-    (where the slot is) in place of "image" until `take_ring_batch` copies it out."""
+    (where the slot is) in place of "image" until `RingReceiver.take` turns it into a view of the slot."""
 
     def __init__(self, size: int, resolution: int, ring: "SharedBatchRing | None"):
         self._ring = ring

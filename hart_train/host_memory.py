@@ -4,9 +4,9 @@ Why: glibc's malloc serves every allocation above its mmap threshold (128 KiB, r
 most 32 MiB) with a fresh `mmap` and gives it back with `munmap` when freed, and trims the heap top
 past 128 KiB. A CPU training step allocates and frees the same large activations and gradients every
 step (the (L, V) logits alone are 100 MB at 1024px), so each step pays a minor page fault and a
-kernel zero-fill per 4 KiB page: ~100,000 faults and 0.2-0.3 s of system time per step of
-`bench/t2i_step.py`'s depth-2 model (hand-measured with `getrusage`; the bench's `host_memory` row
-counts them). With the thresholds raised the freed memory stays in the heap and is reused: ~0 faults.
+kernel zero-fill per 4 KiB page. `bench/t2i_step.py --depth 2 --host-malloc default` against
+`--host-malloc keep` counts them (`median_minor_page_faults_per_step`, `median_system_cpu_s_per_step`,
+`peak_rss_mb`): with the thresholds raised the freed memory stays in the heap and is reused.
 PyTorch's CPU performance guide gives the same advice in the form of jemalloc or tcmalloc; this needs
 no preloaded library. The price is that the process keeps its peak host memory until it exits.
 

@@ -7,6 +7,8 @@ reference (one node x two ranks under torchrun): same losses at every step, bit 
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -61,8 +63,7 @@ D.destroy()
 def test_deepspeed_shared_memory_buffers_do_not_outlive_the_ranks():
     """DeepSpeed's CPU allreduce buffers (~66 MB of /dev/shm per rank) are unlinked once every rank
     has them: the collective still works, and nothing of the run is left in /dev/shm."""
-    import json
-    import os
+    from hart_train.distributed import SHM_DIR
 
     port = str(free_port())
     procs = []
@@ -81,4 +82,4 @@ def test_deepspeed_shared_memory_buffers_do_not_outlive_the_ranks():
         assert out["shm_op"], "DeepSpeed's shared-memory allreduce is not in use: this test checks nothing"
         assert out["sum"] == [3.0]
         assert out["own"] not in out["left"]
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce_buffer") and f"_{port}_" in n]
+    assert not [n for n in os.listdir(SHM_DIR) if n.startswith("deepspeed_allreduce_buffer") and f"_{port}_" in n]
