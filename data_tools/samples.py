@@ -6,7 +6,6 @@ collation. `data_tools.reader` runs these inside its workers; nothing here knows
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import torch
@@ -48,11 +47,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode_sample(key: str | None, members: dict | None, resolution: int) -> tuple[str | None, tuple]:
-    """(bad reason or None, (image, caption, key))."""
+    """(bad reason or None, (image, caption, key)) from a sample's image and caption members (the
+    reader does not read its metadata JSON)."""
     if members is None:
         return "missing_sample", ()
-    image_ext = next((e for e in schema.IMAGE_EXTS if e in members), None)
-    if image_ext is None:
+    for image_ext in schema.IMAGE_EXTS:
+        if image_ext in members:
+            break
+    else:
         return "missing_image", ()
     if schema.CAPTION_EXT not in members:
         return "missing_caption", ()
@@ -60,11 +62,6 @@ def decode_sample(key: str | None, members: dict | None, resolution: int) -> tup
         caption = members[schema.CAPTION_EXT].decode("utf-8")
     except UnicodeDecodeError:
         return "bad_caption", ()
-    if schema.META_EXT in members:
-        try:
-            json.loads(members[schema.META_EXT])
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return "bad_json", ()
     try:
         image = decode_image(members[image_ext], resolution)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
