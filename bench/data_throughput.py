@@ -1,25 +1,38 @@
 """Data throughput: the streaming reader (local disk and moto S3) against the decode bound, and the
 shard writer. Prints one JSON object.
 
-    python bench/data_throughput.py [--samples 2000] [--epochs 3] [--resolution 256] [--workers 2] [--runs 3]
+    python bench/data_throughput.py [--samples 2000] [--rounds 60] [--segment-batches 24] [--workers 2]
 
 - source: synthetic JPEGs (noise + gradients + blocks, varied sizes) with captions in a folder;
-- `shard`: `data_tools.shard.shard_dataset("folder:...")` into 256px JPEG shards, images/s; if that
-  module is missing or fails, `shard_error` says why and `write_shards` here builds the dataset;
-- `reader_local` / `reader_s3`: samples/s through one `StreamingReader` with `--workers` DataLoader
-  workers for `--epochs` epochs, from the local shards and from moto's S3 server, started here as its
-  own process on 127.0.0.1;
-- `decode_bound`: the same samples' bytes, `--epochs` times over, decoded and resized by
-  `samples.decode_image` in a tight loop by a `multiprocessing.Pool` of `--workers` processes, in
-  chunks of one batch.
-Rates are steady state: counted from the first batch (or chunk) on; the time to it is reported as
-`seconds_to_first_batch` (worker start-up and the first shuffle window's read). Each figure is the
-median of `--runs` interleaved runs; the ratios of each round are listed too (`*_per_run`).
-`cpu_ms_per_sample` over the same span (this process, the workers, and the S3 server process; from
-/proc) is reported too: unlike samples/s it is robust to other load on a shared machine.
-`batch_slots_per_worker`: the shared-memory batch slots each reader worker had made by its last batch
-(the loop holds one batch at a time, as a trainer does). Targets: reader >= 0.85 of the bound, S3 >=
-0.90 of local.
+- `shard`: `data_tools.shard.shard_dataset("folder:...")` into 256px JPEG shards, images/s (median of
+  `--shard-runs`); if that module is missing or fails, `shard_error` says why and `write_shards` here
+  builds the dataset;
+- `decode_bound`: the shards' image bytes decoded and resized by `samples.decode_image` in a tight
+  loop by a `multiprocessing.Pool` of `--workers` processes, in chunks of one batch;
+- `bound_into_batches`: the same, each image also written into a batch-sized buffer (4 in turn per
+  process, as a reader worker's shared slots): not a target, the reference for what delivering the
+  pixels in batches costs on top of decoding them;
+- `loader_decode`: the same bytes decoded into the reader's shared-memory batch slots by DataLoader
+  workers set up as the reader's, with no tars, shuffle or checks: also a reference, which separates
+  what the worker processes' setting costs (`loader_decode_over_bound_into_batches`) from what the
+  reader's own work costs (`reader_over_loader_decode`);
+- `reader_local` / `reader_s3`: one `StreamingReader` each (`--workers` DataLoader workers), from the
+  local shards and from moto's S3 server (its own process on 127.0.0.1), read epoch after epoch.
+
+Method: all five run for the whole bench and are timed in alternating steady-state segments of
+`--segment-batches` batches each, the order rotating every round, for `--rounds` rounds. A reader's
+segment first takes the batches its workers had prefetched while idle (untimed), so every timed batch
+was made inside its segment; after each segment the bench pauses `--settle` s so that a reader refills
+its prefetch and the S3 server answers a range in flight outside the next kind's segment. Why: on this
+shared 2-vCPU VM the speed of pure decoding drifts by up to 40% over tens of seconds (the reader's by
+less), and whole-run interleaving (3 epochs per kind per round, the method before) put kinds in
+different phases: short alternating segments compare them under the same conditions. Each rate is
+samples over seconds of all the kind's segments; `per_round_ratios` gives each round's ratio (median
+and quartiles), the spread that is the machine. `cpu_ms_per_sample` (the kind's worker processes,
+this process, the S3 server; from /proc) is reported too. `seconds_to_first_batch`: a reader's
+start-up (workers and its first shuffle window), once. `batch_slots_per_worker`: the shared-memory
+batch slots each reader worker made (the loop holds one batch at a time, as a trainer does).
+Targets: reader >= 0.85 of the bound, S3 >= 0.90 of local.
 """
 
 from __future__ import annotations
@@ -43,9 +56,10 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import free_port  # noqa: E402
 
-from data_tools import plan, schema  # noqa: E402
-from data_tools.reader import ReaderConfig, StreamingReader  # noqa: E402
-from data_tools.samples import decode_image  # noqa: E402
+from data_tools import schema  # noqa: E402
+from data_tools.reader import ReaderConfig, StreamingReader, _as_is, _init_worker  # noqa: E402
+from data_tools.samples import RingReceiver, SharedBatchRing, decode_image  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
 
 try:
     from data_tools.shard import shard_dataset
@@ -79,22 +93,6 @@ def time_shard(source: str, out: str, resolution: int, workers: int, count: int)
     return count / (time.perf_counter() - start)
 
 
-def _children_cpu() -> float:
-    """CPU seconds of this process's live children (DataLoader or pool workers, the S3 server), from /proc."""
-    return sum(_proc_cpu(int(pid)) for pid in _children())
-
-
-def _children() -> list[str]:
-    pids = []
-    for task in os.listdir("/proc/self/task"):
-        try:  # a thread may end between the listing and the read
-            with open(f"/proc/self/task/{task}/children") as f:
-                pids += f.read().split()
-        except FileNotFoundError:
-            continue
-    return pids
-
-
 def _proc_cpu(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -104,44 +102,6 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-class CpuMeter:
-    """CPU seconds spent from construction to `per_sample()`: by this process, by its live children
-    other than the S3 server (the workers), and by the S3 server process."""
-
-    def __init__(self, server_pid: int | None):
-        self.server_pid = server_pid
-        self.start = self._now()
-
-    def _now(self) -> tuple[float, float, float]:
-        server = _proc_cpu(self.server_pid) if self.server_pid else 0.0
-        return time.process_time(), _children_cpu() - server, server
-
-    def per_sample(self, count: int) -> dict:
-        now = self._now()
-        parts = {name: round(1000 * (b - a) / count, 3) for name, a, b in zip(("main", "workers", "s3_server"), self.start, now)}
-        return parts if self.server_pid else {k: v for k, v in parts.items() if k != "s3_server"}
-
-
-def time_reader(url: str, resolution: int, workers: int, batch: int, epochs: int,
-                server_pid: int | None = None) -> tuple[float, float, dict, dict]:
-    """(samples/s, seconds to the first batch, CPU ms/sample, batch slots per worker) of `epochs` epochs
-    through one reader. Rate and CPU count from the first batch on: steady state, with start-up as its
-    own figure."""
-    cfg = ReaderConfig(urls=[url], resolution=resolution, batch_size=batch, num_workers=workers, seed=0)
-    reader = StreamingReader(cfg)
-    steps = epochs * plan.num_steps(reader.num_samples, 1, batch)
-    begin = time.perf_counter()
-    batches = iter(reader)
-    first = len(next(batches)["key"])
-    start, cpu = time.perf_counter(), CpuMeter(server_pid)
-    count = sum(len(b["key"]) for b in itertools.islice(batches, steps - 1))
-    elapsed = time.perf_counter() - start
-    cpu_per_sample, slots = cpu.per_sample(count), reader.batch_slots()
-    reader.close()
-    assert first + count == epochs * reader.num_samples, (first + count, reader.num_samples)
-    return count / elapsed, start - begin, cpu_per_sample, slots
-
-
 def _decode_range(args: tuple[int, int, int]) -> int:
     lo, hi, resolution = args
     for data in _POOL_SAMPLES[lo:hi]:
@@ -149,25 +109,121 @@ def _decode_range(args: tuple[int, int, int]) -> int:
     return hi - lo
 
 
-def time_decode_bound(dataset: str, resolution: int, workers: int, epochs: int) -> tuple[float, float, dict, dict]:
-    """(samples/s, seconds to the first chunk, CPU ms/sample) of the pool, counted as `time_reader`."""
-    global _POOL_SAMPLES
-    _POOL_SAMPLES = [data for path in sorted(os.listdir(dataset)) if path.endswith(".tar")
-                     for data in _image_bytes(os.path.join(dataset, path))]
-    n = len(_POOL_SAMPLES)
-    chunks = [(lo, min(lo + 32, n), resolution) for lo in range(0, n, 32)] * epochs  # a reader batch each
-    begin = time.perf_counter()
-    pool = mp.get_context("fork").Pool(workers)
-    results = pool.imap_unordered(_decode_range, chunks)
-    first = next(results)
-    start, cpu = time.perf_counter(), CpuMeter(None)
-    count = sum(results)
-    elapsed = time.perf_counter() - start
-    cpu_per_sample = cpu.per_sample(count)
-    pool.close()
-    pool.join()
-    assert first + count == epochs * n
-    return count / elapsed, start - begin, cpu_per_sample, {}
+_BATCH_BUFFERS: list = []  # per pool worker: rotating batch-sized buffers and the next one's index
+
+
+def _decode_range_into_batch(args: tuple[int, int, int]) -> int:
+    """`_decode_range`, writing each image into a batch buffer as the reader does (4 buffers in turn,
+    as a reader worker's shared slots at prefetch_factor 2): the reference for what delivering the
+    pixels costs on top of decoding them."""
+    lo, hi, resolution = args
+    if not _BATCH_BUFFERS:
+        _BATCH_BUFFERS.extend([[np.zeros((32, resolution, resolution, 3), np.uint8) for _ in range(4)], 0])
+    rows = _BATCH_BUFFERS[0][_BATCH_BUFFERS[1]]
+    _BATCH_BUFFERS[1] = (_BATCH_BUFFERS[1] + 1) % 4
+    for i, data in enumerate(_POOL_SAMPLES[lo:hi]):
+        rows[i] = decode_image(data, resolution)
+    return hi - lo
+
+
+class PoolKind:
+    """The decode bound (or its batch-writing reference): `workers` forked processes decode chunks of
+    one batch each, handed out as each process is free (`Pool.map`, chunksize 1)."""
+
+    def __init__(self, pool, fn, num_samples: int, batch: int, resolution: int):
+        self.pool, self.fn, self.n, self.batch, self.resolution, self.next = pool, fn, num_samples, batch, resolution, 0
+        self.pids = [p.pid for p in pool._pool]  # noqa: SLF001 - the pool's processes, for their CPU
+
+    def segment(self, batches: int) -> int:
+        chunks = []
+        for _ in range(batches):
+            lo = self.next * self.batch % self.n
+            chunks.append((lo, min(lo + self.batch, self.n), self.resolution))
+            self.next += 1
+        return sum(self.pool.map(self.fn, chunks, chunksize=1))
+
+
+class ReaderKind:
+    """A live `StreamingReader` iterator. Between its segments its workers sit idle with their
+    prefetched batches ready: a segment first takes those untimed (`untimed`), then times `batches`
+    more, all made inside the segment."""
+
+    def __init__(self, url: str, resolution: int, workers: int, batch: int):
+        self.reader = StreamingReader(ReaderConfig(urls=[url], resolution=resolution, batch_size=batch,
+                                                   num_workers=workers, seed=0))
+        begin = time.perf_counter()
+        self.batches = iter(self.reader)
+        next(self.batches)
+        self.startup = time.perf_counter() - begin
+        self.untimed = workers * self.reader.config.prefetch_factor
+        self.pids = [w.pid for w in self.reader._batches._workers]  # noqa: SLF001 - for their CPU
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def skip_prefetched(self) -> None:
+        for _ in range(self.untimed):
+            next(self.batches)
+
+    def segment(self, batches: int) -> int:
+        return sum(len(next(self.batches)["key"]) for _ in range(batches))
+
+
+class _DecodeInWorkers(IterableDataset):
+    """DataLoader workers decoding the in-memory image bytes (chunks of one batch, worker w taking every
+    K-th) into the reader's shared-memory slots: the reader without its tars, shuffle and checks."""
+
+    def __init__(self, num_samples: int, batch: int, resolution: int):
+        super().__init__()
+        self.n, self.batch, self.resolution = num_samples, batch, resolution
+
+    def __iter__(self):
+        info = get_worker_info()
+        ring = SharedBatchRing(info.id, (self.batch, self.resolution, self.resolution, 3))
+        for step in itertools.count(info.id, info.num_workers):
+            lo = step * self.batch % self.n
+            rows, keys = ring.open_slot(), []
+            for i in range(lo, min(lo + self.batch, self.n)):
+                rows[i - lo] = decode_image(_POOL_SAMPLES[i], self.resolution)
+                keys.append(str(i))
+            yield {"key": keys, "_ring": ring.close_slot(len(keys))}
+
+
+class LoaderKind(ReaderKind):
+    """`_DecodeInWorkers` through a DataLoader set up as the reader's (worker init, no collate, ring)."""
+
+    def __init__(self, num_samples: int, resolution: int, workers: int, batch: int, prefetch_factor: int = 2):
+        self.receiver = RingReceiver()
+        loader = DataLoader(_DecodeInWorkers(num_samples, batch, resolution), batch_size=None, collate_fn=_as_is,
+                            num_workers=workers, worker_init_fn=_init_worker, prefetch_factor=prefetch_factor)
+        self.loader_iter = iter(loader)
+        self.batches = (self.receiver.take(b) for b in self.loader_iter)
+        next(self.batches)
+        self.untimed = workers * prefetch_factor
+        self.pids = [w.pid for w in self.loader_iter._workers]  # noqa: SLF001
+
+    def close(self) -> None:
+        self.loader_iter._shutdown_workers()  # noqa: SLF001
+
+
+def run_live(kinds: dict, server_pid: int | None, rounds: int, segment_batches: int, settle: float) -> dict:
+    """Alternate steady-state segments of every kind, `rounds` times, the order rotating each round;
+    returns per kind the segments' (samples, seconds, worker CPU s, main CPU s, S3 server CPU s)."""
+    names = list(kinds)
+    segments: dict[str, list[tuple]] = {k: [] for k in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            kind = kinds[name]
+            if isinstance(kind, ReaderKind):
+                kind.skip_prefetched()
+            cpu0 = sum(_proc_cpu(p) for p in kind.pids), time.process_time(), _proc_cpu(server_pid) if server_pid else 0.0
+            start = time.perf_counter()
+            count = kind.segment(segment_batches)
+            seconds = time.perf_counter() - start
+            cpu1 = sum(_proc_cpu(p) for p in kind.pids), time.process_time(), _proc_cpu(server_pid) if server_pid else 0.0
+            segments[name].append((count, seconds, *(b - a for a, b in zip(cpu0, cpu1))))
+            time.sleep(settle)  # a reader refills its prefetch, the S3 server answers a range in flight
+    return segments
 
 
 def _image_bytes(path: str) -> list[bytes]:
@@ -248,49 +304,84 @@ def start_s3_server(local: str) -> tuple[subprocess.Popen, str]:
     return server, "s3://bench/shards"
 
 
+def summarize(segments: dict) -> dict:
+    """Per kind: samples/s over all its segments together, and CPU ms per sample (its workers, this
+    process, the S3 server); per round, each kind's rate over the bound's (median and quartiles)."""
+    out: dict = {"rate": {}, "cpu_ms_per_sample": {}, "per_round": {}}
+    for name, segs in segments.items():
+        count, seconds = sum(s[0] for s in segs), sum(s[1] for s in segs)
+        out["rate"][name] = count / seconds
+        cpu = {part: round(1000 * sum(s[2 + i] for s in segs) / count, 3) for i, part in enumerate(("workers", "main", "s3_server"))}
+        out["cpu_ms_per_sample"][name] = cpu if name == "s3" else {k: v for k, v in cpu.items() if k != "s3_server"}
+    for name, segs in segments.items():
+        if name == "bound":
+            continue
+        ref = "local" if name == "s3" else "bound"
+        ratios = [(a[0] / a[1]) / (b[0] / b[1]) for a, b in zip(segs, segments[ref])]
+        q = statistics.quantiles(ratios, n=4)
+        out["per_round"][f"{name}_over_{ref}"] = {"median": round(statistics.median(ratios), 3),
+                                                  "quartiles": [round(q[0], 3), round(q[2], 3)]}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=2000)
-    ap.add_argument("--epochs", type=int, default=3, help="epochs per timed reader run (one start-up)")
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=60, help="rounds of alternating segments, one per kind")
+    ap.add_argument("--segment-batches", type=int, default=24, help="batches timed per segment")
+    ap.add_argument("--settle", type=float, default=0.1, help="seconds of pause after each segment")
+    ap.add_argument("--shard-runs", type=int, default=3, help="timed `shard` runs")
     args = ap.parse_args(argv)
+    global _POOL_SAMPLES
     with tempfile.TemporaryDirectory() as tmp:
-        dataset, shard_result = build_dataset(tmp, args.samples, args.resolution, args.workers, args.runs)
+        dataset, shard_result = build_dataset(tmp, args.samples, args.resolution, args.workers, args.shard_runs)
         server, s3_url = start_s3_server(dataset)
-        runs: dict[str, list[tuple[float, float, dict, dict]]] = {"bound": [], "local": [], "s3": []}
+        _POOL_SAMPLES = [data for path in sorted(os.listdir(dataset)) if path.endswith(".tar")
+                         for data in _image_bytes(os.path.join(dataset, path))]
+        pool = mp.get_context("fork").Pool(args.workers)
+        kinds: dict = {}
         try:
-            for _ in range(args.runs):  # interleaved, so drifting machine load hits all three alike
-                runs["bound"].append(time_decode_bound(dataset, args.resolution, args.workers, args.epochs))
-                runs["local"].append(time_reader(dataset, args.resolution, args.workers, args.batch, args.epochs))
-                runs["s3"].append(time_reader(s3_url, args.resolution, args.workers, args.batch, args.epochs,
-                                              server.pid))
+            n = len(_POOL_SAMPLES)
+            kinds["bound"] = PoolKind(pool, _decode_range, n, args.batch, args.resolution)
+            kinds["bound_into_batches"] = PoolKind(pool, _decode_range_into_batch, n, args.batch, args.resolution)
+            kinds["loader_decode"] = LoaderKind(n, args.resolution, args.workers, args.batch)
+            kinds["local"] = ReaderKind(dataset, args.resolution, args.workers, args.batch)
+            kinds["s3"] = ReaderKind(s3_url, args.resolution, args.workers, args.batch)
+            segments = run_live(kinds, server.pid, args.rounds, args.segment_batches, args.settle)
+            slots = {k: max(kinds[k].reader.batch_slots().values()) for k in ("local", "s3")}
+            startup = {k: round(kinds[k].startup, 3) for k in ("local", "s3")}
         finally:
+            for kind in kinds.values():
+                if isinstance(kind, ReaderKind):
+                    kind.close()
+            pool.close()
+            pool.join()
             server.kill()
             server.wait()
-    rate = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
-    startup = {k: round(statistics.median(r[1] for r in v), 3) for k, v in runs.items()}
-    cpu = {k: {part: statistics.median(r[2][part] for r in v) for part in v[0][2]} for k, v in runs.items()}
-    slots = {k: max(n for r in runs[k] for n in r[3].values()) for k in ("local", "s3")}
-    bound, local, remote = rate["bound"], rate["local"], rate["s3"]
+    summary = summarize(segments)
+    rate = summary["rate"]
     result = {
-        "samples": args.samples, "epochs": args.epochs, "resolution": args.resolution, "workers": args.workers, "batch": args.batch,
-        "runs": args.runs, "cpus": os.cpu_count(),
+        "samples": args.samples, "resolution": args.resolution, "workers": args.workers, "batch": args.batch,
+        "rounds": args.rounds, "segment_batches": args.segment_batches, "cpus": os.cpu_count(),
         **shard_result,
-        "decode_bound_samples_per_s": round(bound, 1),
-        "reader_local_samples_per_s": round(local, 1),
-        "reader_s3_samples_per_s": round(remote, 1),
-        "reader_over_decode_bound": round(local / bound, 3),
-        "s3_over_local": round(remote / local, 3),
-        # the same ratios round by round (each round runs the three back to back): the spread shows how
-        # much of a miss or a pass is the machine
-        "reader_over_decode_bound_per_run": [round(a[0] / b[0], 3) for a, b in zip(runs["local"], runs["bound"])],
-        "s3_over_local_per_run": [round(a[0] / b[0], 3) for a, b in zip(runs["s3"], runs["local"])],
+        "decode_bound_samples_per_s": round(rate["bound"], 1),
+        "decode_bound_into_batches_samples_per_s": round(rate["bound_into_batches"], 1),
+        "reader_local_samples_per_s": round(rate["local"], 1),
+        "reader_s3_samples_per_s": round(rate["s3"], 1),
+        "reader_over_decode_bound": round(rate["local"] / rate["bound"], 3),
+        "s3_over_local": round(rate["s3"] / rate["local"], 3),
+        "bound_into_batches_over_decode_bound": round(rate["bound_into_batches"] / rate["bound"], 3),
+        "reader_over_bound_into_batches": round(rate["local"] / rate["bound_into_batches"], 3),
+        "loader_decode_samples_per_s": round(rate["loader_decode"], 1),
+        "loader_decode_over_bound_into_batches": round(rate["loader_decode"] / rate["bound_into_batches"], 3),
+        "reader_over_loader_decode": round(rate["local"] / rate["loader_decode"], 3),
+        "per_round_ratios": summary["per_round"],  # the spread shows how much of a figure is the machine
         "seconds_to_first_batch": startup,
-        "cpu_ms_per_sample": cpu,  # robust to other load on a shared machine
-        "batch_slots_per_worker": slots,  # the most any worker made in any run
+        "cpu_ms_per_sample": summary["cpu_ms_per_sample"],
+        "batch_slots_per_worker": slots,  # the most any worker made
         "load_average_1min": round(os.getloadavg()[0], 2),
         "targets": {"reader_over_decode_bound": 0.85, "s3_over_local": 0.90},
     }  # fmt: skip
