@@ -21,17 +21,20 @@ shard writer. Prints one JSON object.
 
 Method: all five run for the whole bench and are timed in alternating steady-state segments of
 `--segment-batches` batches each, the order rotating every round, for `--rounds` rounds. A reader's
-segment first takes the batches its workers had prefetched while idle (untimed), so every timed batch
-was made inside its segment; after each segment the bench pauses `--settle` s so that a reader refills
-its prefetch and the S3 server answers a range in flight outside the next kind's segment. Why: on this
-shared 2-vCPU VM the speed of pure decoding drifts by up to 40% over tens of seconds (the reader's by
-less), and whole-run interleaving (3 epochs per kind per round, the method before) put kinds in
-different phases: short alternating segments compare them under the same conditions. Each rate is
-samples over seconds of all the kind's segments; `per_round_ratios` gives each round's ratio (median
-and quartiles), the spread that is the machine. `cpu_ms_per_sample` (the kind's worker processes,
-this process, the S3 server; from /proc) is reported too. `seconds_to_first_batch`: a reader's
-start-up (workers and its first shuffle window), once. `batch_slots_per_worker`: the shared-memory
-batch slots each reader worker made (the loop holds one batch at a time, as a trainer does).
+segment first takes the batches its workers had prefetched while idle (untimed), so every timed
+batch was made inside its segment; after each segment the bench pauses `--settle` s so that a reader
+refills its prefetch and the S3 server answers a range in flight outside the next kind's segment.
+Why: on this shared 2-vCPU VM the bound's rate fluctuates within seconds (in a scratch loop of 0.2 s
+bound segments, one segment's rate correlated 0.66 with the next and not at all with one 4 s later)
+and also shifts between phases minutes long (2500 vs 3300 samples/s in runs of the same code; the
+reader's rate moves much less). Whole-run interleaving (3 epochs per kind per round, the method
+before) compared kinds seconds apart; short alternating segments compare them under the same
+conditions. Phases are not averaged out within one run: compare runs with care. Each rate is samples
+over seconds of all the kind's segments; `per_round_ratios` gives each round's ratio (median and
+quartiles), the spread that is the machine. `cpu_ms_per_sample` (the kind's worker processes, this
+process, the S3 server; from /proc) is reported too. `seconds_to_first_batch`: a reader's start-up
+(workers and its first shuffle window), once. `batch_slots_per_worker`: the shared-memory batch
+slots each reader worker made (the loop holds one batch at a time, as a trainer does).
 Targets: reader >= 0.85 of the bound, S3 >= 0.90 of local.
 """
 
@@ -49,6 +52,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -102,25 +106,25 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def _decode_range(args: tuple[int, int, int]) -> int:
-    lo, hi, resolution = args
+def _decode_range(args: tuple[int, int, int, int]) -> int:
+    lo, hi, resolution, _ = args
     for data in _POOL_SAMPLES[lo:hi]:
         decode_image(data, resolution)
     return hi - lo
 
 
-_BATCH_BUFFERS: list = []  # per pool worker: rotating batch-sized buffers and the next one's index
+_BATCH_BUFFERS: dict = {}  # per pool process: "rows", 4 batch-sized buffers used in turn; "next"
 
 
-def _decode_range_into_batch(args: tuple[int, int, int]) -> int:
+def _decode_range_into_batch(args: tuple[int, int, int, int]) -> int:
     """`_decode_range`, writing each image into a batch buffer as the reader does (4 buffers in turn,
     as a reader worker's shared slots at prefetch_factor 2): the reference for what delivering the
     pixels costs on top of decoding them."""
-    lo, hi, resolution = args
+    lo, hi, resolution, batch = args
     if not _BATCH_BUFFERS:
-        _BATCH_BUFFERS.extend([[np.zeros((32, resolution, resolution, 3), np.uint8) for _ in range(4)], 0])
-    rows = _BATCH_BUFFERS[0][_BATCH_BUFFERS[1]]
-    _BATCH_BUFFERS[1] = (_BATCH_BUFFERS[1] + 1) % 4
+        _BATCH_BUFFERS.update(rows=[np.zeros((batch, resolution, resolution, 3), np.uint8) for _ in range(4)], next=0)
+    rows = _BATCH_BUFFERS["rows"][_BATCH_BUFFERS["next"]]
+    _BATCH_BUFFERS["next"] = (_BATCH_BUFFERS["next"] + 1) % 4
     for i, data in enumerate(_POOL_SAMPLES[lo:hi]):
         rows[i] = decode_image(data, resolution)
     return hi - lo
@@ -134,19 +138,37 @@ class PoolKind:
         self.pool, self.fn, self.n, self.batch, self.resolution, self.next = pool, fn, num_samples, batch, resolution, 0
         self.pids = [p.pid for p in pool._pool]  # noqa: SLF001 - the pool's processes, for their CPU
 
+    def skip_prefetched(self) -> None:
+        """A pool works only when asked: nothing is made ahead."""
+
     def segment(self, batches: int) -> int:
         chunks = []
         for _ in range(batches):
             lo = self.next * self.batch % self.n
-            chunks.append((lo, min(lo + self.batch, self.n), self.resolution))
+            chunks.append((lo, min(lo + self.batch, self.n), self.resolution, self.batch))
             self.next += 1
         return sum(self.pool.map(self.fn, chunks, chunksize=1))
 
 
-class ReaderKind:
-    """A live `StreamingReader` iterator. Between its segments its workers sit idle with their
-    prefetched batches ready: a segment first takes those untimed (`untimed`), then times `batches`
-    more, all made inside the segment."""
+class LoaderKindBase:
+    """A live DataLoader iterator (`batches`, `pids`, `untimed` set by a subclass). Between its
+    segments its workers sit idle with their prefetched batches ready: a segment first takes those
+    untimed, then times `batches` more, all made inside the segment."""
+
+    batches: Iterator[dict]
+    pids: list[int]
+    untimed: int
+
+    def skip_prefetched(self) -> None:
+        for _ in range(self.untimed):
+            next(self.batches)
+
+    def segment(self, batches: int) -> int:
+        return sum(len(next(self.batches)["key"]) for _ in range(batches))
+
+
+class ReaderKind(LoaderKindBase):
+    """One `StreamingReader`, read epoch after epoch."""
 
     def __init__(self, url: str, resolution: int, workers: int, batch: int):
         self.reader = StreamingReader(ReaderConfig(urls=[url], resolution=resolution, batch_size=batch,
@@ -160,13 +182,6 @@ class ReaderKind:
 
     def close(self) -> None:
         self.reader.close()
-
-    def skip_prefetched(self) -> None:
-        for _ in range(self.untimed):
-            next(self.batches)
-
-    def segment(self, batches: int) -> int:
-        return sum(len(next(self.batches)["key"]) for _ in range(batches))
 
 
 class _DecodeInWorkers(IterableDataset):
@@ -189,24 +204,25 @@ class _DecodeInWorkers(IterableDataset):
             yield {"key": keys, "_ring": ring.close_slot(len(keys))}
 
 
-class LoaderKind(ReaderKind):
+class LoaderKind(LoaderKindBase):
     """`_DecodeInWorkers` through a DataLoader set up as the reader's (worker init, no collate, ring)."""
 
-    def __init__(self, num_samples: int, resolution: int, workers: int, batch: int, prefetch_factor: int = 2):
-        self.receiver = RingReceiver()
+    def __init__(self, num_samples: int, resolution: int, workers: int, batch: int):
+        prefetch = ReaderConfig().prefetch_factor  # the reader's default
+        receiver = RingReceiver()
         loader = DataLoader(_DecodeInWorkers(num_samples, batch, resolution), batch_size=None, collate_fn=_as_is,
-                            num_workers=workers, worker_init_fn=_init_worker, prefetch_factor=prefetch_factor)
+                            num_workers=workers, worker_init_fn=_init_worker, prefetch_factor=prefetch)
         self.loader_iter = iter(loader)
-        self.batches = (self.receiver.take(b) for b in self.loader_iter)
+        self.batches = (receiver.take(b) for b in self.loader_iter)
         next(self.batches)
-        self.untimed = workers * prefetch_factor
-        self.pids = [w.pid for w in self.loader_iter._workers]  # noqa: SLF001
+        self.untimed = workers * prefetch
+        self.pids = [w.pid for w in self.loader_iter._workers]  # noqa: SLF001 - for their CPU
 
     def close(self) -> None:
         self.loader_iter._shutdown_workers()  # noqa: SLF001
 
 
-def run_live(kinds: dict, server_pid: int | None, rounds: int, segment_batches: int, settle: float) -> dict:
+def run_live(kinds: dict, server_pid: int, rounds: int, segment_batches: int, settle: float) -> dict:
     """Alternate steady-state segments of every kind, `rounds` times, the order rotating each round;
     returns per kind the segments' (samples, seconds, worker CPU s, main CPU s, S3 server CPU s)."""
     names = list(kinds)
@@ -214,13 +230,14 @@ def run_live(kinds: dict, server_pid: int | None, rounds: int, segment_batches: 
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             kind = kinds[name]
-            if isinstance(kind, ReaderKind):
-                kind.skip_prefetched()
-            cpu0 = sum(_proc_cpu(p) for p in kind.pids), time.process_time(), _proc_cpu(server_pid) if server_pid else 0.0
-            start = time.perf_counter()
+            kind.skip_prefetched()
+
+            def cpu() -> tuple[float, float, float]:
+                return sum(_proc_cpu(p) for p in kind.pids), time.process_time(), _proc_cpu(server_pid)  # noqa: B023
+
+            cpu0, start = cpu(), time.perf_counter()
             count = kind.segment(segment_batches)
-            seconds = time.perf_counter() - start
-            cpu1 = sum(_proc_cpu(p) for p in kind.pids), time.process_time(), _proc_cpu(server_pid) if server_pid else 0.0
+            seconds, cpu1 = time.perf_counter() - start, cpu()
             segments[name].append((count, seconds, *(b - a for a, b in zip(cpu0, cpu1))))
             time.sleep(settle)  # a reader refills its prefetch, the S3 server answers a range in flight
     return segments
@@ -355,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
             startup = {k: round(kinds[k].startup, 3) for k in ("local", "s3")}
         finally:
             for kind in kinds.values():
-                if isinstance(kind, ReaderKind):
+                if isinstance(kind, LoaderKindBase):
                     kind.close()
             pool.close()
             pool.join()
