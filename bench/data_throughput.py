@@ -19,22 +19,27 @@ shard writer. Prints one JSON object.
 - `reader_local` / `reader_s3`: one `StreamingReader` each (`--workers` DataLoader workers), from the
   local shards and from moto's S3 server (its own process on 127.0.0.1), read epoch after epoch.
 
-Method: all five run for the whole bench and are timed in alternating steady-state segments of
-`--segment-batches` batches each, the order rotating every round, for `--rounds` rounds. A reader's
-segment first takes the batches its workers had prefetched while idle (untimed), so every timed
-batch was made inside its segment; after each segment the bench pauses `--settle` s so that a reader
-refills its prefetch and the S3 server answers a range in flight outside the next kind's segment.
-Why: on this shared 2-vCPU VM the bound's rate fluctuates within seconds (in a scratch loop of 0.2 s
-bound segments, one segment's rate correlated 0.66 with the next and not at all with one 4 s later)
-and also shifts between phases minutes long (2500 vs 3300 samples/s in runs of the same code; the
-reader's rate moves much less). Whole-run interleaving (3 epochs per kind per round, the method
-before) compared kinds seconds apart; short alternating segments compare them under the same
-conditions. Phases are not averaged out within one run: compare runs with care. Each rate is samples
-over seconds of all the kind's segments; `per_round_ratios` gives each round's ratio (median and
-quartiles), the spread that is the machine. `cpu_ms_per_sample` (the kind's worker processes, this
-process, the S3 server; from /proc) is reported too. `seconds_to_first_batch`: a reader's start-up
-(workers and its first shuffle window), once. `batch_slots_per_worker`: the shared-memory batch
-slots each reader worker made (the loop holds one batch at a time, as a trainer does).
+Method: all five run side by side and are timed in alternating steady-state segments of
+`--segment-batches` batches each, the order rotating every round, for `--rounds` rounds, split over
+`--generations` generations: each generation forks every kind's processes anew (pool, DataLoader
+workers, readers). A reader's segment first takes the batches its workers had prefetched while idle
+(untimed), so every timed batch was made inside its segment; after each segment the bench pauses
+`--settle` s so that a reader refills its prefetch and the S3 server answers a range in flight outside
+the next kind's segment.
+Why: on this shared 2-vCPU VM (a Firecracker guest) the decode rate moves on three time scales. Within
+seconds (in a scratch loop of 0.2 s bound segments, one segment's rate correlated 0.66 with the next
+and not at all with one 4 s later): short alternating segments compare kinds under the same
+conditions. Over minutes (2300 vs 3300 samples/s for the same bound in different runs). And per
+process: two sets of forked processes running the same decode loop, interleaved second by second,
+can differ by up to ~20% for a whole run (scratch: identical decode loops
+in a Pool forked first and one forked later ran at 0.84-1.16 of each other over six runs; which kind
+drew the slow set changed from run to run). One set of processes per kind made a run's ratios a
+draw; `per_generation_ratios` shows that spread, and the totals average over the generations.
+Each rate is samples over seconds of all the kind's segments; `per_round_ratios` gives each round's
+ratio (median and quartiles). `cpu_ms_per_sample` (the kind's worker processes, this process, the
+S3 server; from /proc) is reported too. `seconds_to_first_batch`: a reader's start-up (workers and
+its first shuffle window), median over generations. `batch_slots_per_worker`: the shared-memory
+batch slots each reader worker made (the loop holds one batch at a time, as a trainer does).
 Targets: reader >= 0.85 of the bound, S3 >= 0.90 of local.
 """
 
@@ -341,6 +346,46 @@ def summarize(segments: dict) -> dict:
     return out
 
 
+def run_generation(dataset: str, s3_url: str, server_pid: int, rounds: int, args) -> dict:
+    """One generation: every kind's processes forked anew, then `rounds` rounds of segments."""
+    n = len(_POOL_SAMPLES)
+    pool = mp.get_context("fork").Pool(args.workers)
+    kinds: dict = {}
+    try:
+        kinds["bound"] = PoolKind(pool, _decode_range, n, args.batch, args.resolution)
+        kinds["bound_into_batches"] = PoolKind(pool, _decode_range_into_batch, n, args.batch, args.resolution)
+        kinds["loader_decode"] = LoaderKind(n, args.resolution, args.workers, args.batch)
+        kinds["local"] = ReaderKind(dataset, args.resolution, args.workers, args.batch)
+        kinds["s3"] = ReaderKind(s3_url, args.resolution, args.workers, args.batch)
+        segments = run_live(kinds, server_pid, rounds, args.segment_batches, args.settle)
+        return {"segments": segments,
+                "slots": {k: max(kinds[k].reader.batch_slots().values()) for k in ("local", "s3")},
+                "startup": {k: kinds[k].startup for k in ("local", "s3")}}
+    finally:
+        for kind in kinds.values():
+            if isinstance(kind, LoaderKindBase):
+                kind.close()
+        pool.close()
+        pool.join()
+
+
+def per_generation(segments: dict, rounds: list[int]) -> dict:
+    """Each generation's (one set of processes') reader/bound, S3/local and loader_decode/bound."""
+    def rate(name: str, lo: int, hi: int) -> float:
+        segs = segments[name][lo:hi]
+        return sum(s[0] for s in segs) / sum(s[1] for s in segs)
+
+    pairs = {"local_over_bound": ("local", "bound"), "s3_over_local": ("s3", "local"),
+             "loader_decode_over_bound": ("loader_decode", "bound")}
+    out: dict = {name: [] for name in pairs}
+    lo = 0
+    for count in rounds:
+        for name, (a, b) in pairs.items():
+            out[name].append(round(rate(a, lo, lo + count) / rate(b, lo, lo + count), 3))
+        lo += count
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=2000)
@@ -348,6 +393,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=60, help="rounds of alternating segments, one per kind")
+    ap.add_argument("--generations", type=int, default=6,
+                    help="times every kind's processes are forked anew, the rounds split evenly between them")
     ap.add_argument("--segment-batches", type=int, default=24, help="batches timed per segment")
     ap.add_argument("--settle", type=float, default=0.1, help="seconds of pause after each segment")
     ap.add_argument("--shard-runs", type=int, default=3, help="timed `shard` runs")
@@ -358,26 +405,25 @@ def main(argv: list[str] | None = None) -> dict:
         server, s3_url = start_s3_server(dataset)
         _POOL_SAMPLES = [data for path in sorted(os.listdir(dataset)) if path.endswith(".tar")
                          for data in _image_bytes(os.path.join(dataset, path))]
-        pool = mp.get_context("fork").Pool(args.workers)
-        kinds: dict = {}
+        segments: dict[str, list] = {}
+        slots: dict[str, int] = {}
+        startup: dict[str, list] = {}
         try:
-            n = len(_POOL_SAMPLES)
-            kinds["bound"] = PoolKind(pool, _decode_range, n, args.batch, args.resolution)
-            kinds["bound_into_batches"] = PoolKind(pool, _decode_range_into_batch, n, args.batch, args.resolution)
-            kinds["loader_decode"] = LoaderKind(n, args.resolution, args.workers, args.batch)
-            kinds["local"] = ReaderKind(dataset, args.resolution, args.workers, args.batch)
-            kinds["s3"] = ReaderKind(s3_url, args.resolution, args.workers, args.batch)
-            segments = run_live(kinds, server.pid, args.rounds, args.segment_batches, args.settle)
-            slots = {k: max(kinds[k].reader.batch_slots().values()) for k in ("local", "s3")}
-            startup = {k: round(kinds[k].startup, 3) for k in ("local", "s3")}
+            for generation in range(args.generations):
+                rounds = args.rounds // args.generations + (generation < args.rounds % args.generations)
+                got = run_generation(dataset, s3_url, server.pid, rounds, args)
+                for name, segs in got["segments"].items():
+                    segments.setdefault(name, []).extend(segs)
+                for name, count in got["slots"].items():
+                    slots[name] = max(slots.get(name, 0), count)
+                for name, seconds in got["startup"].items():
+                    startup.setdefault(name, []).append(seconds)
         finally:
-            for kind in kinds.values():
-                if isinstance(kind, LoaderKindBase):
-                    kind.close()
-            pool.close()
-            pool.join()
             server.kill()
             server.wait()
+        startup = {k: round(statistics.median(v), 3) for k, v in startup.items()}
+        generation_rounds = [args.rounds // args.generations + (g < args.rounds % args.generations)
+                             for g in range(args.generations)]
     summary = summarize(segments)
     rate = summary["rate"]
     result = {
@@ -395,7 +441,8 @@ def main(argv: list[str] | None = None) -> dict:
         "loader_decode_samples_per_s": round(rate["loader_decode"], 1),
         "loader_decode_over_bound_into_batches": round(rate["loader_decode"] / rate["bound_into_batches"], 3),
         "reader_over_loader_decode": round(rate["local"] / rate["loader_decode"], 3),
-        "per_round_ratios": summary["per_round"],  # the spread shows how much of a figure is the machine
+        "per_round_ratios": summary["per_round"],
+        "per_generation_ratios": per_generation(segments, generation_rounds),  # the spread shows how much of a figure is the machine
         "seconds_to_first_batch": startup,
         "cpu_ms_per_sample": summary["cpu_ms_per_sample"],
         "batch_slots_per_worker": slots,  # the most any worker made
