@@ -405,6 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
         server, s3_url = start_s3_server(dataset)
         _POOL_SAMPLES = [data for path in sorted(os.listdir(dataset)) if path.endswith(".tar")
                          for data in _image_bytes(os.path.join(dataset, path))]
+        shard_bytes = sum(os.path.getsize(os.path.join(dataset, p)) for p in os.listdir(dataset) if p.endswith(".tar"))
         segments: dict[str, list] = {}
         slots: dict[str, int] = {}
         startup: dict[str, list] = {}
@@ -445,6 +446,8 @@ def main(argv: list[str] | None = None) -> dict:
         "per_generation_ratios": per_generation(segments, generation_rounds),  # the spread shows how much of a figure is the machine
         "seconds_to_first_batch": startup,
         "cpu_ms_per_sample": summary["cpu_ms_per_sample"],
+        # what S3 moves per sample: its client and server CPU above scale with it
+        "shard_bytes_per_sample": round(shard_bytes / len(_POOL_SAMPLES)),
         "batch_slots_per_worker": slots,  # the most any worker made
         "load_average_1min": round(os.getloadavg()[0], 2),
         "targets": {"reader_over_decode_bound": 0.85, "s3_over_local": 0.90},
