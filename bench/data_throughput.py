@@ -399,19 +399,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--settle", type=float, default=0.1, help="seconds of pause after each segment")
     ap.add_argument("--shard-runs", type=int, default=3, help="timed `shard` runs")
     args = ap.parse_args(argv)
+    if not 1 <= args.generations <= args.rounds:
+        ap.error(f"--generations must be between 1 and --rounds ({args.rounds}), got {args.generations}")
+    # the rounds split evenly over the generations, the first ones taking the remainder
+    generation_rounds = [args.rounds // args.generations + (g < args.rounds % args.generations)
+                         for g in range(args.generations)]
     global _POOL_SAMPLES
     with tempfile.TemporaryDirectory() as tmp:
         dataset, shard_result = build_dataset(tmp, args.samples, args.resolution, args.workers, args.shard_runs)
         server, s3_url = start_s3_server(dataset)
-        _POOL_SAMPLES = [data for path in sorted(os.listdir(dataset)) if path.endswith(".tar")
-                         for data in _image_bytes(os.path.join(dataset, path))]
-        shard_bytes = sum(os.path.getsize(os.path.join(dataset, p)) for p in os.listdir(dataset) if p.endswith(".tar"))
+        shards = [os.path.join(dataset, p) for p in sorted(os.listdir(dataset)) if p.endswith(".tar")]
+        _POOL_SAMPLES = [data for path in shards for data in _image_bytes(path)]
+        shard_bytes = sum(os.path.getsize(path) for path in shards)
         segments: dict[str, list] = {}
         slots: dict[str, int] = {}
         startup: dict[str, list] = {}
         try:
-            for generation in range(args.generations):
-                rounds = args.rounds // args.generations + (generation < args.rounds % args.generations)
+            for rounds in generation_rounds:
                 got = run_generation(dataset, s3_url, server.pid, rounds, args)
                 for name, segs in got["segments"].items():
                     segments.setdefault(name, []).extend(segs)
@@ -423,8 +427,6 @@ def main(argv: list[str] | None = None) -> dict:
             server.kill()
             server.wait()
         startup = {k: round(statistics.median(v), 3) for k, v in startup.items()}
-        generation_rounds = [args.rounds // args.generations + (g < args.rounds % args.generations)
-                             for g in range(args.generations)]
     summary = summarize(segments)
     rate = summary["rate"]
     result = {
