@@ -47,11 +47,14 @@ Design decisions:
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gc
 import itertools
+import multiprocessing.util  # noqa: F401 - its exit handler must be registered before ours (see below)
 import os
 import signal
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Iterator
@@ -349,7 +352,8 @@ def _init_worker(worker_id: int) -> None:
 
     - Stop signals are left to the trainer: launchers and schedulers signal whole process trees
       (DeepSpeed's launcher, Slurm, Kubernetes), and a worker dying there would break the batch stream
-      before the trainer's preemption checkpoint. Workers still exit with their parent.
+      before the trainer's preemption checkpoint. Workers still exit with their parent, and are stopped
+      when the interpreter exits with a reader's iterator still alive (`_close_live_readers`).
     - Everything inherited from the parent (a trainer's heap: torch, DeepSpeed, the model's Python
       objects, boto's service models) is moved out of the garbage collector's sight with `gc.freeze()`:
       the worker never frees it, and every full collection would otherwise walk it, touching (and so
@@ -357,6 +361,21 @@ def _init_worker(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     gc.freeze()
+
+
+_LIVE_READERS: "weakref.WeakSet[StreamingReader]" = weakref.WeakSet()  # readers with running workers
+
+
+def _close_live_readers() -> None:
+    """At interpreter exit: stop the workers of readers whose iterator is still referenced (a module-level
+    iterator, or one held by the traceback of an uncaught exception). Without this, multiprocessing's own
+    exit handler SIGTERMs the workers, which ignore it (`_init_worker`), then joins them: forever."""
+    for reader in list(_LIVE_READERS):
+        reader.close()
+
+
+# Registered after multiprocessing's exit handler (multiprocessing.util, imported above), so it runs first (LIFO).
+atexit.register(_close_live_readers)
 
 
 class StreamingReader:
@@ -469,6 +488,8 @@ class StreamingReader:
         loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=workers,
                             worker_init_fn=_init_worker, prefetch_factor=self.config.prefetch_factor if workers else None)
         batches = self._batches = iter(loader)
+        if workers:
+            _LIVE_READERS.add(self)
         try:
             for batch in batches:
                 batch = self._ring.take(batch)
@@ -491,6 +512,7 @@ class StreamingReader:
         DataLoader iterator's own shutdown asks them to stop and stops watching their pids; any worker
         still alive after it is killed. Workers hold no state worth keeping (it lives in this process)."""
         batches, self._batches = self._batches, None
+        _LIVE_READERS.discard(self)
         self._ring.clear()
         workers = list(getattr(batches, "_workers", []))  # torch's multi-process iterator keeps them here
         shutdown = getattr(batches, "_shutdown_workers", None)

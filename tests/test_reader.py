@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import tarfile
+import time
 from collections import Counter
 
 import fsspec
@@ -415,3 +416,43 @@ def test_tar_parser_matches_tarfile(fmt):
         broken = bytearray(buf.getvalue())
         broken[10] ^= 0xFF
         list(tars.iter_tar(Stream(bytes(broken)), want=lambda n: True))
+
+
+_HOLD_ITERATOR_AND_EXIT = """
+import sys
+from data_tools.reader import ReaderConfig, StreamingReader
+reader = StreamingReader(ReaderConfig(urls=[sys.argv[1]], resolution=16, batch_size=4, num_workers=2, seed=1))
+batches = iter(reader)  # still referenced when the interpreter exits
+print(len(next(batches)["key"]), *(w.pid for w in reader._batches._workers), flush=True)
+if sys.argv[2] == "raise":
+    raise RuntimeError("the training loop failed")
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["return", "raise"])
+def test_interpreter_exit_with_a_live_iterator_stops_the_workers(local_ds, how):
+    """Workers ignore SIGTERM (the trainer owns stop signals), so multiprocessing's exit handler, which
+    terminates and then joins them, used to wait forever when a script ended (or died of an uncaught
+    exception) with a reader's iterator still referenced."""
+    import subprocess
+    import sys
+
+    url, _ = local_ds
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _HOLD_ITERATOR_AND_EXIT, url, how], cwd=repo, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == (0 if how == "return" else 1), proc.stderr[-2000:]
+    count, *pids = (int(v) for v in proc.stdout.split())
+    assert count == 4 and len(pids) == 2
+    deadline = time.monotonic() + 10
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_running(p) for p in pids), f"workers {pids} outlived their interpreter"
