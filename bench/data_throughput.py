@@ -22,8 +22,13 @@ shard writer. Prints one JSON object.
 Method: all five run side by side and are timed in alternating steady-state segments of
 `--segment-batches` batches each, the order rotating every round, for `--rounds` rounds, split over
 `--generations` generations: each generation forks every kind's processes anew (pool, DataLoader
-workers, readers). A reader's segment first takes the batches its workers had prefetched while idle
-(untimed), so every timed batch was made inside its segment; after each segment the bench pauses
+workers, readers), then warms every kind up untimed by `max(--samples, workers x shuffle window)`
+samples: a reader reads its workers' first shuffle windows before its first batch, so without this its
+first segments of a generation were timed without any tar reading (scratch, 6 generations x 10
+rounds: the reader's worker CPU per sample was 0.65-0.79 ms in a generation's first round and ~0.85
+later, while the bound's stayed flat), and a young pool pays first-touch costs. The order's rotation
+runs on across generations, so every kind takes every place in the order equally often. A reader's
+segment first takes the batches its workers had prefetched while idle (untimed), so every timed batch was made inside its segment; after each segment the bench pauses
 `--settle` s so that a reader refills its prefetch and the S3 server answers a range in flight outside
 the next kind's segment.
 Why: on this shared 2-vCPU VM (a Firecracker guest) the decode rate moves on three time scales. Within
@@ -34,7 +39,9 @@ process: two sets of forked processes running the same decode loop, interleaved 
 can differ by up to ~20% for a whole run (scratch: identical decode loops
 in a Pool forked first and one forked later ran at 0.84-1.16 of each other over six runs; which kind
 drew the slow set changed from run to run). One set of processes per kind made a run's ratios a
-draw; `per_generation_ratios` shows that spread, and the totals average over the generations.
+draw; `per_generation_ratios` shows that spread, and the totals average over the generations (20 by
+default, 3 rounds each: the spread is per generation, so more generations narrow the total more than
+more rounds in each).
 Each rate is samples over seconds of all the kind's segments; `per_round_ratios` gives each round's
 ratio (median and quartiles). `cpu_ms_per_sample` (the kind's worker processes, this process, the
 S3 server; from /proc) is reported too. `seconds_to_first_batch`: a reader's start-up (workers and
@@ -146,6 +153,9 @@ class PoolKind:
     def skip_prefetched(self) -> None:
         """A pool works only when asked: nothing is made ahead."""
 
+    def warm_up(self, samples: int) -> None:
+        self.segment(-(-samples // self.batch))
+
     def segment(self, batches: int) -> int:
         chunks = []
         for _ in range(batches):
@@ -167,6 +177,11 @@ class LoaderKindBase:
     def skip_prefetched(self) -> None:
         for _ in range(self.untimed):
             next(self.batches)
+
+    def warm_up(self, samples: int) -> None:
+        made = 0
+        while made < samples:
+            made += len(next(self.batches)["key"])
 
     def segment(self, batches: int) -> int:
         return sum(len(next(self.batches)["key"]) for _ in range(batches))
@@ -227,12 +242,13 @@ class LoaderKind(LoaderKindBase):
         self.loader_iter._shutdown_workers()  # noqa: SLF001
 
 
-def run_live(kinds: dict, server_pid: int, rounds: int, segment_batches: int, settle: float) -> dict:
-    """Alternate steady-state segments of every kind, `rounds` times, the order rotating each round;
+def run_live(kinds: dict, server_pid: int, rounds: range, segment_batches: int, settle: float) -> dict:
+    """Alternate steady-state segments of every kind, one per round of `rounds` (numbered across
+    generations), the order rotating by the round number;
     returns per kind the segments' (samples, seconds, worker CPU s, main CPU s, S3 server CPU s)."""
     names = list(kinds)
     segments: dict[str, list[tuple]] = {k: [] for k in names}
-    for r in range(rounds):
+    for r in rounds:
         for name in names[r % len(names):] + names[: r % len(names)]:
             kind = kinds[name]
             kind.skip_prefetched()
@@ -346,8 +362,14 @@ def summarize(segments: dict) -> dict:
     return out
 
 
-def run_generation(dataset: str, s3_url: str, server_pid: int, rounds: int, args) -> dict:
-    """One generation: every kind's processes forked anew, then `rounds` rounds of segments."""
+def warm_up_samples(num_samples: int, workers: int) -> int:
+    """Samples each kind makes untimed before its first segment: past every reader worker's first
+    shuffle window (read before the reader's first batch) and one pass over the samples."""
+    return max(num_samples, workers * ReaderConfig().shuffle_window)
+
+
+def run_generation(dataset: str, s3_url: str, server_pid: int, rounds: range, args) -> dict:
+    """One generation: every kind's processes forked anew, warmed up, then the `rounds` of segments."""
     n = len(_POOL_SAMPLES)
     pool = mp.get_context("fork").Pool(args.workers)
     kinds: dict = {}
@@ -357,6 +379,8 @@ def run_generation(dataset: str, s3_url: str, server_pid: int, rounds: int, args
         kinds["loader_decode"] = LoaderKind(n, args.resolution, args.workers, args.batch)
         kinds["local"] = ReaderKind(dataset, args.resolution, args.workers, args.batch)
         kinds["s3"] = ReaderKind(s3_url, args.resolution, args.workers, args.batch)
+        for kind in kinds.values():
+            kind.warm_up(warm_up_samples(n, args.workers))
         segments = run_live(kinds, server_pid, rounds, args.segment_batches, args.settle)
         return {"segments": segments,
                 "slots": {k: max(kinds[k].reader.batch_slots().values()) for k in ("local", "s3")},
@@ -393,7 +417,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=60, help="rounds of alternating segments, one per kind")
-    ap.add_argument("--generations", type=int, default=6,
+    ap.add_argument("--generations", type=int, default=20,
                     help="times every kind's processes are forked anew, the rounds split evenly between them")
     ap.add_argument("--segment-batches", type=int, default=24, help="batches timed per segment")
     ap.add_argument("--settle", type=float, default=0.1, help="seconds of pause after each segment")
@@ -415,8 +439,10 @@ def main(argv: list[str] | None = None) -> dict:
         slots: dict[str, int] = {}
         startup: dict[str, list] = {}
         try:
-            for rounds in generation_rounds:
-                got = run_generation(dataset, s3_url, server.pid, rounds, args)
+            first = 0
+            for count in generation_rounds:
+                got = run_generation(dataset, s3_url, server.pid, range(first, first + count), args)
+                first += count
                 for name, segs in got["segments"].items():
                     segments.setdefault(name, []).extend(segs)
                 for name, count in got["slots"].items():
@@ -431,7 +457,9 @@ def main(argv: list[str] | None = None) -> dict:
     rate = summary["rate"]
     result = {
         "samples": args.samples, "resolution": args.resolution, "workers": args.workers, "batch": args.batch,
-        "rounds": args.rounds, "segment_batches": args.segment_batches, "cpus": os.cpu_count(),
+        "rounds": args.rounds, "generations": args.generations,
+        "warm_up_samples": warm_up_samples(len(_POOL_SAMPLES), args.workers),
+        "segment_batches": args.segment_batches, "cpus": os.cpu_count(),
         **shard_result,
         "decode_bound_samples_per_s": round(rate["bound"], 1),
         "decode_bound_into_batches_samples_per_s": round(rate["bound_into_batches"], 1),
