@@ -47,6 +47,16 @@ ratio (median and quartiles). `cpu_ms_per_sample` (the kind's worker processes, 
 S3 server; from /proc) is reported too. `seconds_to_first_batch`: a reader's start-up (workers and
 its first shuffle window), median over generations. `batch_slots_per_worker`: the shared-memory
 batch slots each reader worker made (the loop holds one batch at a time, as a trainer does).
+`steady_cpu_ms_per_sample` / `by_cpu`: each kind's CPU per sample over its whole steady state (from
+the end of its warm-up to the end of its generation: every sample its workers made, inside its segments
+or between them, with the S3 server's CPU over that time for S3, plus this process's per-sample CPU in
+segments), and the throughput ratios it implies when the CPUs are saturated (rate ~ 1 / CPU per
+sample). Why: work a reader does between its segments is not in its segments' time. The S3 reader's
+read-ahead (its IO thread and the server) partly runs while other kinds are timed, which flatters
+`s3_over_local` (scratch, one run: S3 workers 0.776 ms/sample inside their segments, 0.775 + 0.021
+server over the steady state, local 0.75 and 0.725: the S3 extra was ~0.05 ms in segments and ~0.07
+overall). The two figures err in opposite directions (segments miss background work; CPU misses
+stalls), so a claim should hold by both.
 Targets: reader >= 0.85 of the bound, S3 >= 0.90 of local.
 """
 
@@ -173,18 +183,28 @@ class LoaderKindBase:
     batches: Iterator[dict]
     pids: list[int]
     untimed: int
+    taken = 0  # samples taken so far, timed or not
+
+    def _take(self) -> int:
+        count = len(next(self.batches)["key"])
+        self.taken += count
+        return count
 
     def skip_prefetched(self) -> None:
         for _ in range(self.untimed):
-            next(self.batches)
+            self._take()
 
     def warm_up(self, samples: int) -> None:
         made = 0
         while made < samples:
-            made += len(next(self.batches)["key"])
+            made += self._take()
 
     def segment(self, batches: int) -> int:
-        return sum(len(next(self.batches)["key"]) for _ in range(batches))
+        return sum(self._take() for _ in range(batches))
+
+    def usage(self) -> tuple[int, float]:
+        """(samples taken, CPU seconds of the workers) so far."""
+        return self.taken, sum(_proc_cpu(p) for p in self.pids)
 
 
 class ReaderKind(LoaderKindBase):
@@ -381,8 +401,12 @@ def run_generation(dataset: str, s3_url: str, server_pid: int, rounds: range, ar
         kinds["s3"] = ReaderKind(s3_url, args.resolution, args.workers, args.batch)
         for kind in kinds.values():
             kind.warm_up(warm_up_samples(n, args.workers))
+        loaders = {k: kind for k, kind in kinds.items() if isinstance(kind, LoaderKindBase)}
+        before = {k: kind.usage() for k, kind in loaders.items()}, _proc_cpu(server_pid)
         segments = run_live(kinds, server_pid, rounds, args.segment_batches, args.settle)
-        return {"segments": segments,
+        after = {k: kind.usage() for k, kind in loaders.items()}, _proc_cpu(server_pid)
+        steady = {k: tuple(b - a for a, b in zip(before[0][k], after[0][k])) for k in loaders}
+        return {"segments": segments, "steady": steady, "steady_server_cpu": after[1] - before[1],
                 "slots": {k: max(kinds[k].reader.batch_slots().values()) for k in ("local", "s3")},
                 "startup": {k: kinds[k].startup for k in ("local", "s3")}}
     finally:
@@ -391,6 +415,22 @@ def run_generation(dataset: str, s3_url: str, server_pid: int, rounds: range, ar
                 kind.close()
         pool.close()
         pool.join()
+
+
+def by_cpu(in_segments: dict, steady: dict) -> dict:
+    """CPU ms per sample over the whole steady state (see the module docstring) and the ratios it implies
+    for CPU-bound throughput. A pool works only inside its segments, so the bound's are its segments'."""
+    def total(name: str) -> float:
+        if name == "bound":
+            return in_segments[name]["workers"] + in_segments[name]["main"]
+        samples, cpu = steady[name]
+        server = steady["s3_server"][0] if name == "s3" else 0.0
+        return 1000 * (cpu + server) / samples + in_segments[name]["main"]
+
+    ms = {name: round(total(name), 3) for name in ("bound", "local", "s3")}
+    return {"steady_cpu_ms_per_sample": ms,
+            "by_cpu": {"reader_over_decode_bound": round(ms["bound"] / ms["local"], 3),
+                       "s3_over_local": round(ms["local"] / ms["s3"], 3)}}
 
 
 def per_generation(segments: dict, rounds: list[int]) -> dict:
@@ -438,6 +478,7 @@ def main(argv: list[str] | None = None) -> dict:
         segments: dict[str, list] = {}
         slots: dict[str, int] = {}
         startup: dict[str, list] = {}
+        steady: dict[str, list] = {}  # kind -> [samples, worker CPU s]; "s3_server" -> [CPU s]
         try:
             first = 0
             for count in generation_rounds:
@@ -449,6 +490,10 @@ def main(argv: list[str] | None = None) -> dict:
                     slots[name] = max(slots.get(name, 0), count)
                 for name, seconds in got["startup"].items():
                     startup.setdefault(name, []).append(seconds)
+                for name, (samples, cpu) in got["steady"].items():
+                    acc = steady.setdefault(name, [0, 0.0])
+                    acc[0], acc[1] = acc[0] + samples, acc[1] + cpu
+                steady.setdefault("s3_server", [0.0])[0] += got["steady_server_cpu"]
         finally:
             server.kill()
             server.wait()
@@ -476,6 +521,7 @@ def main(argv: list[str] | None = None) -> dict:
         "per_generation_ratios": per_generation(segments, generation_rounds),  # the spread shows how much of a figure is the machine
         "seconds_to_first_batch": startup,
         "cpu_ms_per_sample": summary["cpu_ms_per_sample"],
+        **by_cpu(summary["cpu_ms_per_sample"], steady),
         # what S3 moves per sample: its client and server CPU above scale with it
         "shard_bytes_per_sample": round(shard_bytes / len(_POOL_SAMPLES)),
         "batch_slots_per_worker": slots,  # the most any worker made
