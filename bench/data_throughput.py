@@ -28,9 +28,9 @@ first segments of a generation were timed without any tar reading (scratch, 6 ge
 rounds: the reader's worker CPU per sample was 0.65-0.79 ms in a generation's first round and ~0.85
 later, while the bound's stayed flat), and a young pool pays first-touch costs. The order's rotation
 runs on across generations, so every kind takes every place in the order equally often. A reader's
-segment first takes the batches its workers had prefetched while idle (untimed), so every timed batch was made inside its segment; after each segment the bench pauses
-`--settle` s so that a reader refills its prefetch and the S3 server answers a range in flight outside
-the next kind's segment.
+segment first takes the batches its workers had prefetched while idle (untimed), so every timed batch
+was made inside its segment; after each segment the bench pauses `--settle` s so that a reader
+refills its prefetch and the S3 server answers a range in flight outside the next kind's segment.
 Why: on this shared 2-vCPU VM (a Firecracker guest) the decode rate moves on three time scales. Within
 seconds (in a scratch loop of 0.2 s bound segments, one segment's rate correlated 0.66 with the next
 and not at all with one 4 s later): short alternating segments compare kinds under the same
@@ -128,6 +128,10 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def _workers_cpu(pids: list[int]) -> float:
+    return sum(_proc_cpu(p) for p in pids)
+
+
 def _decode_range(args: tuple[int, int, int, int]) -> int:
     lo, hi, resolution, _ = args
     for data in _POOL_SAMPLES[lo:hi]:
@@ -204,7 +208,7 @@ class LoaderKindBase:
 
     def usage(self) -> tuple[int, float]:
         """(samples taken, CPU seconds of the workers) so far."""
-        return self.taken, sum(_proc_cpu(p) for p in self.pids)
+        return self.taken, _workers_cpu(self.pids)
 
 
 class ReaderKind(LoaderKindBase):
@@ -274,7 +278,7 @@ def run_live(kinds: dict, server_pid: int, rounds: range, segment_batches: int, 
             kind.skip_prefetched()
 
             def cpu() -> tuple[float, float, float]:
-                return sum(_proc_cpu(p) for p in kind.pids), time.process_time(), _proc_cpu(server_pid)  # noqa: B023
+                return _workers_cpu(kind.pids), time.process_time(), _proc_cpu(server_pid)  # noqa: B023
 
             cpu0, start = cpu(), time.perf_counter()
             count = kind.segment(segment_batches)
@@ -402,11 +406,11 @@ def run_generation(dataset: str, s3_url: str, server_pid: int, rounds: range, ar
         for kind in kinds.values():
             kind.warm_up(warm_up_samples(n, args.workers))
         loaders = {k: kind for k, kind in kinds.items() if isinstance(kind, LoaderKindBase)}
-        before = {k: kind.usage() for k, kind in loaders.items()}, _proc_cpu(server_pid)
+        usage0, server0 = {k: kind.usage() for k, kind in loaders.items()}, _proc_cpu(server_pid)
         segments = run_live(kinds, server_pid, rounds, args.segment_batches, args.settle)
-        after = {k: kind.usage() for k, kind in loaders.items()}, _proc_cpu(server_pid)
-        steady = {k: tuple(b - a for a, b in zip(before[0][k], after[0][k])) for k in loaders}
-        return {"segments": segments, "steady": steady, "steady_server_cpu": after[1] - before[1],
+        # (samples, worker CPU s) of each DataLoader kind from the end of its warm-up on
+        steady = {k: tuple(now - then for now, then in zip(kind.usage(), usage0[k])) for k, kind in loaders.items()}
+        return {"segments": segments, "steady": steady, "steady_server_cpu": _proc_cpu(server_pid) - server0,
                 "slots": {k: max(kinds[k].reader.batch_slots().values()) for k in ("local", "s3")},
                 "startup": {k: kinds[k].startup for k in ("local", "s3")}}
     finally:
@@ -417,14 +421,15 @@ def run_generation(dataset: str, s3_url: str, server_pid: int, rounds: range, ar
         pool.join()
 
 
-def by_cpu(in_segments: dict, steady: dict) -> dict:
+def by_cpu(in_segments: dict, steady: dict, server_cpu: float) -> dict:
     """CPU ms per sample over the whole steady state (see the module docstring) and the ratios it implies
-    for CPU-bound throughput. A pool works only inside its segments, so the bound's are its segments'."""
+    for CPU-bound throughput. `steady`: kind -> (samples, worker CPU s); `server_cpu`: the S3 server's
+    CPU s over the same time. A pool works only inside its segments, so the bound's are its segments'."""
     def total(name: str) -> float:
         if name == "bound":
             return in_segments[name]["workers"] + in_segments[name]["main"]
         samples, cpu = steady[name]
-        server = steady["s3_server"][0] if name == "s3" else 0.0
+        server = server_cpu if name == "s3" else 0.0
         return 1000 * (cpu + server) / samples + in_segments[name]["main"]
 
     ms = {name: round(total(name), 3) for name in ("bound", "local", "s3")}
@@ -478,7 +483,8 @@ def main(argv: list[str] | None = None) -> dict:
         segments: dict[str, list] = {}
         slots: dict[str, int] = {}
         startup: dict[str, list] = {}
-        steady: dict[str, list] = {}  # kind -> [samples, worker CPU s]; "s3_server" -> [CPU s]
+        steady: dict[str, tuple[int, float]] = {}  # DataLoader kind -> (samples, worker CPU s) after warm-up
+        server_cpu = 0.0
         try:
             first = 0
             for count in generation_rounds:
@@ -491,9 +497,9 @@ def main(argv: list[str] | None = None) -> dict:
                 for name, seconds in got["startup"].items():
                     startup.setdefault(name, []).append(seconds)
                 for name, (samples, cpu) in got["steady"].items():
-                    acc = steady.setdefault(name, [0, 0.0])
-                    acc[0], acc[1] = acc[0] + samples, acc[1] + cpu
-                steady.setdefault("s3_server", [0.0])[0] += got["steady_server_cpu"]
+                    total_samples, total_cpu = steady.get(name, (0, 0.0))
+                    steady[name] = (total_samples + samples, total_cpu + cpu)
+                server_cpu += got["steady_server_cpu"]
         finally:
             server.kill()
             server.wait()
@@ -521,7 +527,7 @@ def main(argv: list[str] | None = None) -> dict:
         "per_generation_ratios": per_generation(segments, generation_rounds),  # the spread shows how much of a figure is the machine
         "seconds_to_first_batch": startup,
         "cpu_ms_per_sample": summary["cpu_ms_per_sample"],
-        **by_cpu(summary["cpu_ms_per_sample"], steady),
+        **by_cpu(summary["cpu_ms_per_sample"], steady, server_cpu),
         # what S3 moves per sample: its client and server CPU above scale with it
         "shard_bytes_per_sample": round(shard_bytes / len(_POOL_SAMPLES)),
         "batch_slots_per_worker": slots,  # the most any worker made
