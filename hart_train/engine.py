@@ -74,7 +74,6 @@ def deepspeed_config(cfg, load_universal: bool = False) -> dict:
         "gradient_accumulation_steps": run.grad_accum,
         "gradient_clipping": run.grad_clip,
         "bf16": {"enabled": run.dtype == "bf16"},
-        "fp16": {"enabled": run.dtype == "fp16", "initial_scale_power": 11, "loss_scale_window": 1000},
         "zero_optimization": zero_cfg,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,

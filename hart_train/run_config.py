@@ -49,6 +49,9 @@ class RunSection:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
         if self.collective_timeout_s <= 0:
             raise ValueError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
+        if self.dtype == "fp16":
+            raise ValueError("dtype: fp16 is not supported (its loss scaling is untested here and HART trains in "
+                             "bf16); use bf16 on GPUs with bf16 support (A100, H100, ...) or fp32")
         if "/" in self.name or self.name in ("", ".", ".."):
             raise ValueError(f"name must be a plain directory name, got {self.name!r}")
 

@@ -148,7 +148,7 @@ class HARTAutoEncoder(nn.Module):
         p = self.cfg.skip_continuous_prob if skip_continuous_prob is None else skip_continuous_prob
         f_BChw = self.img_to_latent(img_B3HW)
         q = self.quantize(f_BChw, patch_nums=patch_nums, skip_continuous_prob=p, generator=generator)
-        rec = self.decoder(self.post_quant_conv(q.f_hat))
+        rec = self.decoder(self.post_quant_conv(q.f_hat.to(self.dtype)))
         return {
             "rec": rec,
             "vq_loss": q.vq_loss,
@@ -162,6 +162,12 @@ class HARTAutoEncoder(nn.Module):
         for module in (self.encoder, self.quant_conv, self.quantize):
             module.requires_grad_(False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the convolutions compute in (their weights'): images and latents are cast to it where
+        they enter; the quantizer works in fp32 (`MultiScaleQuantizer.codebook`), decoded images leave in fp32."""
+        return self.quant_conv.weight.dtype
+
     def get_last_layer(self) -> torch.Tensor:
         """The decoder's last weight, for VQGAN's adaptive GAN weight."""
         return self.decoder.conv_out.weight
@@ -169,7 +175,7 @@ class HARTAutoEncoder(nn.Module):
     # ------------------------------------------------------------------ encode / decode
 
     def img_to_latent(self, img_B3HW: torch.Tensor) -> torch.Tensor:
-        return self.quant_conv(self.encoder(img_B3HW))
+        return self.quant_conv(self.encoder(img_B3HW.to(self.dtype)))
 
     @torch.no_grad()
     def img_to_idxBl(self, img_B3HW: torch.Tensor, patch_nums=None) -> list[torch.Tensor]:
@@ -187,7 +193,7 @@ class HARTAutoEncoder(nn.Module):
         return self.quantize.get_next_autoregressive_input(si, SN, f_hat, h_BChw, patch_nums)
 
     def fhat_to_img(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(f_hat_BChw)).clamp(-1, 1)
+        return self.decoder(self.post_quant_conv(f_hat_BChw.to(self.dtype))).clamp(-1, 1).float()
 
     @torch.no_grad()
     def idxBl_to_img(self, idx_Bl: list[torch.Tensor], patch_nums=None, phi_at_last: bool = True) -> torch.Tensor:

@@ -10,6 +10,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BatchNorm2dFP32(nn.BatchNorm2d):
+    """BatchNorm2d that normalises in fp32 whatever dtype its input and weights have (bf16 under DeepSpeed's
+    bf16), with its running statistics kept in fp32; output in the input's dtype. Same state-dict keys."""
+
+    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        use_batch_stats = self.training or not self.track_running_stats
+        out = F.batch_norm(x_BChw.float(), self.running_mean, self.running_var, self.weight.float(), self.bias.float(),
+                           use_batch_stats, self.momentum, self.eps)
+        return out.to(x_BChw.dtype)
 
 
 class NLayerDiscriminator(nn.Module):
@@ -23,7 +37,7 @@ class NLayerDiscriminator(nn.Module):
             stride = 2 if n < n_layers else 1  # the last feature conv keeps the resolution
             layers += [
                 nn.Conv2d(ndf * mult_prev, ndf * mult, kw, stride=stride, padding=padw, bias=False),
-                nn.BatchNorm2d(ndf * mult),
+                BatchNorm2dFP32(ndf * mult),
                 nn.LeakyReLU(0.2, True),
             ]
         layers.append(nn.Conv2d(ndf * mult, 1, kw, stride=1, padding=padw))

@@ -41,7 +41,10 @@ class Phi(nn.Conv2d):
         self.resi_ratio = abs(resi_ratio)
 
     def forward(self, h_BChw: torch.Tensor) -> torch.Tensor:
-        return h_BChw.mul(1 - self.resi_ratio) + super().forward(h_BChw).mul_(self.resi_ratio)
+        # in the input's dtype (the quantizer's fp32), whatever the weights are stored in
+        dt = h_BChw.dtype
+        conv = self._conv_forward(h_BChw, self.weight.to(dt), None if self.bias is None else self.bias.to(dt))
+        return h_BChw.mul(1 - self.resi_ratio) + conv.mul_(self.resi_ratio)
 
 
 def _phi_ticks(num_phi: int) -> np.ndarray:
@@ -123,6 +126,12 @@ class MultiScaleQuantizer(nn.Module):
 
     # ----------------------------------------------------------------------------------- helpers
 
+    def codebook(self) -> torch.Tensor:
+        """The code vectors (V, Cvae) in fp32: the quantizer computes distances, lookups, Phi and its loss in
+        fp32 whatever dtype its weights are stored in (bf16 under DeepSpeed's bf16), as VAR and HART run it
+        with autocast off. A no-op for fp32 weights."""
+        return self.embedding.weight.float()
+
     def phi(self, si: int, num_scales: int) -> nn.Module:
         return self.quant_resi.get(si, num_scales)
 
@@ -131,7 +140,7 @@ class MultiScaleQuantizer(nn.Module):
 
         With using_znorm the nearest code is by cosine similarity instead (argmax of normalized dot products).
         """
-        e_VC = self.embedding.weight.detach()
+        e_VC = self.codebook().detach()
         if self.using_znorm:
             return (F.normalize(z_NC, dim=-1) @ F.normalize(e_VC.T, dim=0)).argmax(dim=1)
         d_NV = z_NC.square().sum(dim=1, keepdim=True) + e_VC.square().sum(dim=1)
@@ -152,10 +161,10 @@ class MultiScaleQuantizer(nn.Module):
         input and `embed_to_fhat` view (B, L, C) transposed and keep the upsampled layout (contiguous=False).
         """
         if contiguous:
-            h_BChw = self.embedding(idx_Bl.reshape(-1, pn, pn)).permute(0, 3, 1, 2)
+            h_BChw = F.embedding(idx_Bl.reshape(-1, pn, pn), self.codebook()).permute(0, 3, 1, 2)
             return F.interpolate(h_BChw, size=(hw, hw), mode="bicubic").contiguous()
         B = idx_Bl.numel() // (pn * pn)
-        h_BChw = self.embedding(idx_Bl.reshape(B, pn * pn)).transpose(1, 2).view(B, self.Cvae, pn, pn)
+        h_BChw = F.embedding(idx_Bl.reshape(B, pn * pn), self.codebook()).transpose(1, 2).view(B, self.Cvae, pn, pn)
         return F.interpolate(h_BChw, size=(hw, hw), mode="bicubic")
 
     def scale_contribution(self, idx_Bl: torch.Tensor, si: int, patch_nums=None, apply_phi: bool = True) -> torch.Tensor:

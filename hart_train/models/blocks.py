@@ -139,7 +139,7 @@ class SelfAttention(nn.Module):
         """Training: `seg_lens` given, block-causal over the segments. Inference: `cache` given, the new
         tokens attend to everything cached so far plus themselves."""
         B, L, C = x_BLC.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        bias = torch.cat((self.q_bias, self.zero_k_bias.to(self.q_bias.dtype), self.v_bias))
         qkv = F.linear(x_BLC, self.qkv_proj.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # B, H, L, d each
         if self.attn_l2_norm:

@@ -72,11 +72,14 @@ class SimpleMLPAdaLN(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        x = self.input_proj(x)
-        y = self.time_embed(t) + self.cond_embed(c)
+        """Computes in the weights' dtype; the output is fp32, since the diffusion loss and the sampler's
+        schedule arithmetic run in fp32 (the noisy input arrives in fp32 and is cast here)."""
+        dtype = self.input_proj.weight.dtype
+        x = self.input_proj(x.to(dtype))
+        y = self.time_embed(t) + self.cond_embed(c.to(dtype))
         for block in self.res_blocks:
             x = block(x, y)
-        return self.final_layer(x, y)
+        return self.final_layer(x, y).float()
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         """`c` is [cond; uncond]; both halves denoise the first half of `x`. CFG `(1+s)cond - s uncond`
@@ -107,11 +110,11 @@ class DiffLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Mean `loss` (= mse + vb), `mse` and `vb` over N tokens; t ~ U{0..999} and the noise are drawn
         from `generator` unless given."""
-        N = target.shape[0]
+        N, target = target.shape[0], target.float()
         if t is None:
             t = torch.randint(0, self.train_diffusion.num_timesteps, (N,), generator=generator, device=target.device)
         if noise is None:
-            noise = torch.randn(target.shape, generator=generator, device=target.device, dtype=target.dtype)
+            noise = torch.randn(target.shape, generator=generator, device=target.device, dtype=torch.float32)
         terms = self.train_diffusion.training_losses(self.net, target / self.vae_scale, t, noise, dict(c=z))
         return {k: v.mean() for k, v in terms.items()}
 
@@ -123,11 +126,11 @@ class DiffLoss(nn.Module):
         is shared by the halves and the first half of the result is the guided sample (the second half only
         carries the uncond variance channels along, as released)."""
         if cfg is not None:
-            half = torch.randn((z.shape[0] // 2, self.in_channels), generator=generator, device=z.device, dtype=z.dtype)
+            half = torch.randn((z.shape[0] // 2, self.in_channels), generator=generator, device=z.device)
             noise = torch.cat([half, half], dim=0)
             fn, kwargs = self.net.forward_with_cfg, dict(c=z, cfg_scale=cfg)
         else:
-            noise = torch.randn((z.shape[0], self.in_channels), generator=generator, device=z.device, dtype=z.dtype)
+            noise = torch.randn((z.shape[0], self.in_channels), generator=generator, device=z.device)
             fn, kwargs = self.net.forward, dict(c=z)
         x = self.gen_diffusion.p_sample_loop(fn, noise, kwargs, clip_denoised=True, temperature=temperature, generator=generator)
         return x * self.vae_scale

@@ -209,9 +209,16 @@ class HARTForT2I(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the transformer computes in: its weights' (bf16 under DeepSpeed's bf16, else fp32).
+        Inputs are cast to it where they enter (text, scale inputs, codebook embeddings); the logits, the
+        cross-entropy and the diffusion loss leave in fp32 (`get_logits`, `DiffLoss`)."""
+        return self.word_embed.weight.dtype
+
     # ------------------------------------------------------------------ shared pieces
     def prepare_text(self, context_BTDt, context_mask_BT, context_position_ids_BT=None) -> TextCond:
-        cond = self.context_embed(self.context_norm(context_BTDt))
+        cond = self.context_embed(self.context_norm(context_BTDt.to(self.dtype)))
         pos = positions_from_mask(context_mask_BT) if context_position_ids_BT is None else context_position_ids_BT
         return TextCond(cond, context_pooling(cond, context_mask_BT, self.config.sep_aln_pooling_mode), pos)
 
@@ -220,7 +227,8 @@ class HARTForT2I(nn.Module):
         return self.lvl_embed(torch.arange(self.num_scales, device=self.head.weight.device))
 
     def get_logits(self, h_BLC: torch.Tensor, cond_BTC: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_nm(h_BLC.float(), cond_BTC).float()).float()
+        # the head runs in the model's dtype; the logits are fp32 for the softmax / cross-entropy
+        return self.head(self.head_nm(h_BLC.to(self.dtype), cond_BTC)).float()
 
     def _run_blocks(self, x, pooled, cos, sin, seg_lens=None, cache=None, drop_path_keep=None):
         for i, b in enumerate(self.blocks):
@@ -254,7 +262,7 @@ class HARTForT2I(nn.Module):
             k = keep_last_idx.shape[1]
             last = torch.gather(x_img[:, -n_last:], 1, keep_last_idx[..., None].expand(-1, -1, cfg.Cvae))
             x_img = torch.cat((x_img[:, :-n_last], last), dim=1)
-        x = torch.cat((text.cond_BTC, self.word_embed(x_img.float())), dim=1)
+        x = torch.cat((text.cond_BTC, self.word_embed(x_img.to(self.dtype))), dim=1)
         seg_lens = [T] + [p * p for p in self.patch_nums[1:-1]] + [k]
         lvl = torch.repeat_interleave(torch.arange(S, device=x.device), torch.tensor(seg_lens, device=x.device))
         x = x + self.level_embeddings()[lvl]
@@ -339,8 +347,8 @@ class HARTForT2I(nn.Module):
             else:  # the released code falls back to the ground truth when sampling fails
                 idx = gt_last
         e = F.embedding(idx, codebook)
-        z = self.decoder_norm(h[:, -k:] + self.word_embed(e))
-        target = torch.gather(f_rest_last, 1, keep_idx[..., None].expand(-1, -1, cfg.Cvae)) - e
+        z = self.decoder_norm(h[:, -k:] + self.word_embed(e.to(self.dtype)))
+        target = torch.gather(f_rest_last.float(), 1, keep_idx[..., None].expand(-1, -1, cfg.Cvae)) - e.float()
         mul = cfg.diffusion_batch_mul
         diff = self.diffloss(
             target.reshape(B * k, -1).repeat(mul, 1), z.reshape(B * k, -1).repeat(mul, 1),
@@ -375,7 +383,7 @@ class HARTForT2I(nn.Module):
         lvl_SC = self.level_embeddings() if lvl_SC is None else lvl_SC
         if si == 0:
             return x_BlCv + lvl_SC[0]  # x is the text condition (B, T, C)
-        return self.word_embed(x_BlCv) + lvl_SC[si]
+        return self.word_embed(x_BlCv.to(self.dtype)) + lvl_SC[si]
 
     @torch.no_grad()
     def autoregressive_infer_cfg(
@@ -445,10 +453,10 @@ class HARTForT2I(nn.Module):
                 x = self.embed_scale_input(si + 1, nxt.reshape(B, c.Cvae, -1).transpose(1, 2), lvl).repeat(2, 1, 1)
                 continue
             if use_diffusion:  # the residual, relative to the sampled token, no Phi on the last scale
-                z = self.decoder_norm(h + self.word_embed(F.embedding(idx, codebook)).repeat(2, 1, 1))
+                z = self.decoder_norm(h + self.word_embed(F.embedding(idx, codebook).to(self.dtype)).repeat(2, 1, 1))
                 n = z.shape[1]
                 res = self.diffloss.sample(z.reshape(2 * B * n, -1), diffusion_temperature, cfg=t, generator=generator)
-                emb = emb + res[: B * n].view(B, n, c.Cvae)
+                emb = emb + res[: B * n].view(B, n, c.Cvae).to(emb.dtype)
             f_hat = f_hat + emb.transpose(1, 2).reshape(B, c.Cvae, pn, pn)
         return f_hat if fhat_to_img is None else fhat_to_img(f_hat).add(1).mul(0.5)
 

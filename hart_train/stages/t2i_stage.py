@@ -83,7 +83,7 @@ class T2IStage:
             idx_Bl, f_rest = self.tokenizer.img_to_idxBl_and_frest(img)
             context, mask, pos = self.text_encoder.encode(batch["caption"], device)
         x_wo_first = self.tokenizer.idxBl_to_var_input(idx_Bl)
-        return {"context": context.float(), "context_mask": mask, "x_BLCv_wo_first_l": x_wo_first,
+        return {"context": context, "context_mask": mask, "x_BLCv_wo_first_l": x_wo_first,
                 "gt_idx": idx_Bl, "f_rest_last": f_rest, "codebook": self.tokenizer.quantize.embedding.weight,
                 "context_position_ids": pos, "generator": self.generator}
 

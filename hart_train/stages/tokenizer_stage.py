@@ -54,10 +54,10 @@ class TokenizerTrainModule(nn.Module):
         img = image
         cfg, criterion = self.loss_cfg, self._criterion[0]
         out = self.vae(img, skip_continuous_prob=self.skip_continuous_prob, generator=generator)
-        rec = out["rec"]
-        recon = reconstruction_loss(rec, img, cfg.recon_loss)
-        zero = rec.new_zeros(())
-        perceptual = criterion.perceptual(rec, img).mean() if criterion.perceptual is not None else zero
+        rec = out["rec"]  # in the VAE's dtype; every loss term is computed in fp32
+        recon = reconstruction_loss(rec.float(), img, cfg.recon_loss)
+        zero = img.new_zeros(())
+        perceptual = criterion.perceptual(rec.float(), img).mean() if criterion.perceptual is not None else zero
         nll = cfg.recon_weight * recon + cfg.perceptual_weight * perceptual
         loss = nll + out["vq_loss"]
         terms = {"recon": recon.detach(), "perceptual": perceptual.detach(), "vq": out["vq_loss"].detach()}
@@ -70,15 +70,16 @@ class TokenizerTrainModule(nn.Module):
 
     def _gan_terms(self, img, rec, nll, terms: dict) -> torch.Tensor:
         cfg = self.loss_cfg
-        gan_g = hinge_g_loss(self.disc(rec))
+        gan_g = hinge_g_loss(self.disc(rec).float())
         (grad_g,) = torch.autograd.grad(gan_g, rec, retain_graph=True)
         (grad_nll,) = torch.autograd.grad(nll, rec, retain_graph=True)
+        grad_g, grad_nll = grad_g.float(), grad_nll.float()
         weight = (grad_nll.norm() / (grad_g.norm() + 1e-4)).clamp(0, cfg.adaptive_weight_max).detach()
         weight = cfg.disc_weight * weight
         # value: weight * gan_g (what is logged); gradient: weight * grad_g into the VAE only
-        surrogate = (rec * grad_g.detach()).sum()
+        surrogate = (rec.float() * grad_g).sum()
         generator_term = weight * (gan_g.detach() + surrogate - surrogate.detach())
-        logits = self.disc(torch.cat([img, rec.detach()]))
+        logits = self.disc(torch.cat([img.to(rec.dtype), rec.detach()])).float()
         real, fake = logits.chunk(2)
         gan_d = hinge_d_loss(real, fake)
         terms.update(gan_g=gan_g.detach(), gan_weight=weight, gan_d=gan_d.detach(),
