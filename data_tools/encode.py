@@ -165,7 +165,7 @@ def encode_dataset(
     size = check_resolution(tok_cfg, resolution, source.options)
     model_directory(text_encoder)  # a missing directory fails here, before OUT is touched
     shard.prepare_output(out, resume=resume, overwrite=overwrite)
-    text = TextEncoder(text_encoder)
+    text = TextEncoder(text_encoder, device)
     tok = load_tokenizer(tokenizer_ckpt).to(device)
     options = token_options(src, tokenizer_ckpt, tok_cfg, size, text, store_dtype)
 
@@ -228,7 +228,7 @@ class _ShardEncoder:
         idx_Bl, frest_BLC = self.tok.img_to_idxBl_and_frest(img_B3HW.to(self.device))
         idx_BL = torch.cat(idx_Bl, dim=1).cpu().numpy().astype(self.idx_dtype)
         frest = self._stored(frest_BLC, "frest")
-        ctx, mask, _ = self.text.encode(captions, self.device)
+        ctx, mask, _ = self.text.encode(captions)
         ctx = self._stored(ctx, "context")
         mask = mask.cpu().numpy().astype(np.uint8)
         out = []

@@ -128,8 +128,9 @@ def _load_model_and_tokenizer(kind: str, path: Path, dtype: torch.dtype):
 class TextEncoder:
     """A frozen text encoder; `encode(captions, device)` -> (context, mask, position_ids)."""
 
-    def __init__(self, cfg: TextEncoderConfig):
+    def __init__(self, cfg: TextEncoderConfig, device: torch.device | str = "cpu"):
         self.cfg = cfg
+        self.device = torch.device(device)
         self.path = model_directory(cfg)
         self.kind = resolve_kind(cfg.kind, self.path)
         if cfg.use_system_prompt and self.kind != "qwen2":
@@ -137,7 +138,7 @@ class TextEncoder:
         self.model, self.tokenizer = _load_model_and_tokenizer(self.kind, self.path, DTYPES[cfg.dtype])
         if self.tokenizer.pad_token_id is None:
             raise ValueError(f"the tokenizer in {self.path} has no pad token; cannot pad to max_length")
-        self.model.eval().requires_grad_(False)
+        self.model.to(self.device).eval().requires_grad_(False)
         self._system_ids = self._tokenize([HART_LLM_SYSTEM_PROMPT], pad=False)[0] if cfg.use_system_prompt else None
         self._check_length()
 
@@ -170,11 +171,12 @@ class TextEncoder:
         return out["input_ids"]
 
     @torch.no_grad()
-    def encode(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """context (B, L, D) float32 = last hidden state, mask (B, L) long, position_ids (B, L) long."""
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """context (B, L, D) float32 = last hidden state, mask (B, L) long, position_ids (B, L) long, on the
+        encoder's device."""
         if isinstance(captions, str) or not captions:
             raise ValueError("encode() takes a non-empty list of caption strings")
-        self.model.to(device)
+        device = self.device
         ids_BL = self._tokenize(list(captions), pad=True).to(device)
         assert ids_BL.shape[1] == self.cfg.max_length, ids_BL.shape
         mask_BL = (ids_BL != self.tokenizer.pad_token_id).long()

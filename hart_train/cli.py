@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.run.device == "cuda" else "cpu")
         os.environ.setdefault("WANDB_SILENT", "true")
         try:
-            train(cfg, make_stage(cfg))
+            train(cfg, make_stage)
         except PreflightError as e:
             print(f"hart-train: error: {e}", file=sys.stderr)
             return 2

@@ -22,12 +22,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(device: str, timeout_s: float) -> None:
-    """Initialise the default process group (idempotent)."""
+def rank_device(kind: str) -> torch.device:
+    """This rank's one device: `cuda:LOCAL_RANK` for "cuda", else the CPU. Everything a rank allocates
+    (stage, frozen tokenizer and text encoder, generators, evaluation, collectives) goes here; it is made
+    once, in `init`, after the process group exists, and passed down."""
+    return torch.device("cuda", local_rank()) if kind == "cuda" else torch.device(kind)
+
+
+def generator(device: torch.device) -> torch.Generator:
+    """A torch.Generator for random draws on `device` (the `meta` device, which draws nothing and has no
+    generator of its own, gets a CPU one: it is the stand-in device of the device tests)."""
+    return torch.Generator(device="cpu" if device.type == "meta" else device)
+
+
+def init(device: str, timeout_s: float) -> torch.device:
+    """Initialise the default process group (idempotent); returns this rank's device (`rank_device`)."""
     import deepspeed
 
     if dist.is_available() and dist.is_initialized():
-        return
+        return rank_device(device)
     if "RANK" not in os.environ:  # bare single process: make it a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -42,6 +55,7 @@ def init(device: str, timeout_s: float) -> None:
         verbose=False,
     )
     _unlink_shm_allreduce_buffer()
+    return rank_device(device)
 
 
 SHM_DIR = "/dev/shm"

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from data_tools.encode import load_tokenizer
 from data_tools.text_encoder import TextEncoder, TextEncoderConfig
+from hart_train import distributed as D
 from hart_train.models import HARTConfig, HARTForT2I
 from hart_train.models.hart_t2i import load_official_state_dict
 from tokenizer.autoencoder import HARTAutoEncoder
@@ -36,15 +37,15 @@ def sample_images(model: HARTForT2I, tokenizer: HARTAutoEncoder, text_encoder: T
                   more_smooth: bool = False, device=None) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1] for `prompts`; the same seed gives the same images."""
     device = torch.device(device or "cpu")
-    context, mask, pos = text_encoder.encode(prompts, device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    context, mask, pos = text_encoder.encode(prompts)
+    generator = D.generator(device).manual_seed(seed)
     num_scales = len(model.patch_nums)
 
     def next_input(si, f_hat, h_BChw):
         return tokenizer.get_next_autoregressive_input(si, num_scales, f_hat, h_BChw)
 
     return model.autoregressive_infer_cfg(
-        context.float(), mask, tokenizer.quantize.embedding.weight, next_input, tokenizer.fhat_to_img,
+        context, mask, tokenizer.quantize.codebook(), next_input, tokenizer.fhat_to_img,
         context_position_ids=pos, cfg=cfg_scale, top_k=top_k, top_k_late=min(top_k, 300), top_p=top_p,
         more_smooth=more_smooth, generator=generator,
     )
@@ -67,5 +68,5 @@ def load_pipeline(ckpt_dir: str, use_ema: bool = True, device: str = "cpu") -> P
         state.update(load_file(ema_path))  # EMA covers the trainable parameters; frozen ones are in model
     load_official_state_dict(model, state, strict=True)
     tokenizer = load_tokenizer(section["tokenizer_ckpt"], patch_nums=model.config.patch_nums).to(device)
-    text_encoder = TextEncoder(TextEncoderConfig(**section["text_encoder"]))
+    text_encoder = TextEncoder(TextEncoderConfig(**section["text_encoder"]), device)
     return Pipeline(model.to(device).eval().requires_grad_(False), tokenizer, text_encoder)

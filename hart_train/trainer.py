@@ -179,14 +179,15 @@ def _mean_across_ranks(values: dict[str, float], device) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def train(cfg: RunConfig, stage) -> TrainResult:
-    """Run (or resume) `cfg` with `stage`; returns when max_steps is reached or on preemption."""
+def train(cfg: RunConfig, make_stage) -> TrainResult:
+    """Run (or resume) `cfg` with the stage `make_stage(cfg, device)` builds on this rank's device, once
+    the process group exists; returns when max_steps is reached or on preemption."""
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
     if cfg.run.keep_freed_host_memory:
         host_memory.keep_freed_memory()
-    D.init(cfg.run.device, cfg.run.collective_timeout_s)
-    device = torch.device(cfg.run.device, D.local_rank()) if cfg.run.device == "cuda" else torch.device("cpu")
+    device = D.init(cfg.run.device, cfg.run.collective_timeout_s)
+    stage = make_stage(cfg, device)
     run_dir = run_dir_of(cfg)
     root = os.path.join(run_dir, "ckpt")
     check_writable(run_dir)
@@ -204,7 +205,7 @@ def train(cfg: RunConfig, stage) -> TrainResult:
             json.dump(ds_config, f, indent=1)
     engine = E.build(cfg, model, ds_config)
     _record_param_shards(engine.module, run_dir)
-    ema = EMA(engine.module, cfg.ema.decay) if cfg.ema.enabled else None
+    ema = EMA(engine.module, cfg.ema.decay, device) if cfg.ema.enabled else None
     reader = stage.make_reader(rank=D.rank(), world_size=D.world_size())
     torch.manual_seed(cfg.run.seed * 1000 + D.rank() + 1)  # per-rank stream (dropout etc.)
     stage.generator.manual_seed(cfg.run.seed * 1000 + D.rank() + 7)
@@ -221,9 +222,9 @@ def train(cfg: RunConfig, stage) -> TrainResult:
         logger.close()
 
 
-def _save(cfg, stage, engine, ema, reader, root, step) -> str:
+def _save(cfg, stage, engine, ema, reader, root, step, device) -> str:
     meta = {"stage": cfg.stage, "zero_stage": cfg.zero.stage, "samples": reader.state_dict().get("samples_consumed")}
-    weights = {"model": zero_utils.full_state_dict(engine.module, rank=D.rank())}
+    weights = {"model": zero_utils.full_state_dict(engine.module, device, rank=D.rank())}
     if ema is not None:
         weights["ema"] = ema.full_state_dict()
     try:
@@ -244,7 +245,7 @@ def _loop(cfg, stage, engine, ema, reader, logger, device, run_dir, root, step) 
         terms = {}
         for _ in range(cfg.run.grad_accum):
             batch = next(batches)
-            inputs = stage.prepare(batch, device, step)
+            inputs = stage.prepare(batch, step)
             out = engine(**inputs)
             engine.backward(out["loss"])
             engine.step()
@@ -271,7 +272,7 @@ def _loop(cfg, stage, engine, ema, reader, logger, device, run_dir, root, step) 
         _periodic(cfg, stage, engine, ema, logger, step)
         stop = D.any_true(preempt.requested, device)
         if stop or step == cfg.run.max_steps or (cfg.run.save_every and step % cfg.run.save_every == 0):
-            last_ckpt = _save(cfg, stage, engine, ema, reader, root, step)
+            last_ckpt = _save(cfg, stage, engine, ema, reader, root, step, device)
             if D.is_main():
                 print(f"saved checkpoint {last_ckpt}", flush=True)
         if stop:

@@ -1,10 +1,11 @@
 """Reading and writing whole parameters whatever the ZeRO stage.
 
-Under ZeRO-3 a module's parameters are empty placeholders outside its forward; under ZeRO-1/2 the
-optimizer owns fp32 master copies that overwrite the module's weights at every step. These helpers hide
-both: `full_state_dict` gathers one parameter at a time (so peak memory is one full tensor beyond the
-shards), and `set_full_param` writes a new value into the module weight, the fp32 master and,
-optionally, zeroes the Adam moments of given rows.
+Under ZeRO-3 a module's parameters are empty placeholders outside its forward; under ZeRO-1/2 (and with
+bf16) the optimizer owns fp32 master copies that overwrite the module's weights at every step. These
+helpers hide both: `local_master` is this rank's piece of a parameter's fp32 master (what the EMA follows),
+`gather_master` assembles one parameter on rank 0 (`full_state_dict` does so for all, one at a time, so
+peak memory is one full tensor beyond the shards), and `set_full_param` writes a new value into the module
+weight, the fp32 master and, optionally, zeroes the Adam moments of given rows.
 """
 
 from __future__ import annotations
@@ -23,21 +24,82 @@ def _gathered(params: list[nn.Parameter]):
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
-def full_state_dict(module: nn.Module, only_main: bool = True, rank: int = 0) -> dict[str, torch.Tensor]:
-    """Full fp32 CPU copies of every parameter and persistent buffer (collective under ZeRO-3).
+def local_master(p: nn.Parameter) -> torch.Tensor:
+    """This rank's piece of `p`'s fp32 master weights, flat: under ZeRO-3 its partition (padded, the
+    `ds_tensor` layout), under ZeRO-1/2 and DeepSpeed's bf16 optimizer its fragment of the flat master
+    (possibly empty), else the whole weight. A view of the optimizer's master where one exists, so what
+    the optimizer writes is what this reads; frozen parameters have no master and give their own values."""
+    if hasattr(p, "ds_id"):
+        if p.requires_grad:
+            from deepspeed.utils import safe_get_local_fp32_param
 
-    With `only_main`, ranks other than 0 return an empty dict (they still take part in the gathers)."""
-    keep = not only_main or rank == 0
+            return safe_get_local_fp32_param(p)
+        return p.ds_tensor.float()
+    if hasattr(p, "_hp_mapping"):
+        if p._hp_mapping is None:  # this rank owns no fragment of p
+            return p.data.new_zeros(0, dtype=torch.float32)
+        return p._hp_mapping.get_hp_fragment()
+    return p.data.reshape(-1).float()
+
+
+def master_slice(p: nn.Parameter, full: torch.Tensor, rank: int) -> torch.Tensor:
+    """The piece of a full value of `p` that `local_master(p)` holds on `rank` (flat, fp32, on CPU)."""
+    flat = full.reshape(-1).float()
+    if hasattr(p, "ds_id"):
+        size = p.ds_tensor.numel()
+        out = flat.new_zeros(size)  # the partition of the last rank is zero-padded
+        piece = flat[rank * size : (rank + 1) * size]
+        out[: piece.numel()] = piece
+        return out
+    mapping = getattr(p, "_hp_mapping", None)
+    if hasattr(p, "_hp_mapping"):
+        if mapping is None:
+            return flat.new_zeros(0)
+        a = mapping.lp_fragment_address
+        return flat.narrow(0, a.start, a.numel)
+    return flat
+
+
+def gather_master(p: nn.Parameter, local: torch.Tensor, device: torch.device, dst: int = 0) -> torch.Tensor | None:
+    """Collective: the full fp32 value of `p` from every rank's `local` piece (as `local_master` lays it
+    out), as a CPU tensor on rank `dst`; None elsewhere. One parameter's worth of memory on `dst` only."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    local = local.detach().float().to(device)
+    if hasattr(p, "ds_id"):
+        parts = [torch.empty_like(local) for _ in range(world)] if rank == dst else None
+        if world > 1:
+            dist.gather(local.contiguous(), parts, dst=dst)
+        else:
+            parts = [local]
+        return torch.cat(parts)[: p.ds_numel].view(p.ds_shape).cpu() if rank == dst else None
+    if hasattr(p, "_hp_mapping"):  # disjoint fragments of the flat weight: their sum is the weight
+        full = torch.zeros(p.numel(), dtype=torch.float32, device=device)
+        if p._hp_mapping is not None:
+            a = p._hp_mapping.lp_fragment_address
+            full.narrow(0, a.start, a.numel).copy_(local)
+        if world > 1:
+            dist.reduce(full, dst=dst)
+        return full.view(p.shape).cpu() if rank == dst else None
+    return local.view(p.shape).cpu() if rank == dst else None  # every rank holds all of it
+
+
+@torch.no_grad()
+def full_state_dict(module: nn.Module, device: torch.device, rank: int) -> dict[str, torch.Tensor]:
+    """Full fp32 CPU copies of every parameter (its fp32 master where the optimizer keeps one) and of the
+    persistent buffers (floating ones as fp32), on rank 0; other ranks take part and get an empty dict.
+    Collective. One parameter at a time, so beyond the shards rank 0 holds one full tensor on `device`."""
     out: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters():
-        with _gathered([p]):
-            if keep:
-                out[name] = p.detach().float().cpu().clone()
-    if keep:
+        full = gather_master(p, local_master(p), device)
+        if full is not None:
+            out[name] = full.clone()
+    if rank == 0:
         for name, b in module.named_buffers():
             if _is_persistent(module, name):
-                out[name] = b.detach().cpu().clone()
+                out[name] = (b.detach().float() if b.is_floating_point() else b.detach()).cpu().clone()
     return out
 
 

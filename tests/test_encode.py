@@ -115,7 +115,7 @@ def test_stored_tokens_match_recomputation(source, encoded, ckpt, minilm):
         torch.testing.assert_close(sample["frest"], frest[0].half().float(), rtol=2e-3, atol=2e-3)
         caption = src[key]["txt"].decode()
         assert sample["caption"] == caption
-        ctx, mask, pos = minilm.encode([caption], "cpu")
+        ctx, mask, pos = minilm.encode([caption])
         torch.testing.assert_close(sample["context"], ctx[0].half().float(), rtol=2e-3, atol=2e-3)
         assert torch.equal(sample["mask"], mask[0]) and torch.equal(sample["position_ids"], pos[0])
         assert sample["meta"]["patch_nums"] == [1, 2, 4] and sample["meta"]["frest_shape"] == [16, 8]

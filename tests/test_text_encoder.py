@@ -100,7 +100,7 @@ def test_minilm_real_weights(minilm):
     assert minilm.hidden_size == 384 and minilm.kind == "minilm"
     assert not any(p.requires_grad for p in minilm.model.parameters()) and not minilm.model.training
     caps = ["a red fox in the snow", "a blue whale under the sea at night", "a red fox in the snow"]
-    ctx, mask, pos = minilm.encode(caps, "cpu")
+    ctx, mask, pos = minilm.encode(caps)
     assert ctx.shape == (3, 24, 384) and ctx.dtype == torch.float32
     assert mask.dtype == torch.long and pos.dtype == torch.long and mask.shape == pos.shape == (3, 24)
     assert torch.equal(ctx[0], ctx[2]) and torch.equal(mask[0], mask[2])
@@ -110,13 +110,13 @@ def test_minilm_real_weights(minilm):
     assert torch.equal(pos[0], torch.tensor(list(range(n0)) + [n0 - 1] * (24 - n0)))
     # a real embedding: different captions differ clearly, the fox caption is closer to a fox caption
     assert (ctx[0, :n0].mean(0) - ctx[1, :n1].mean(0)).abs().max() > 0.1
-    fox2, _, _ = minilm.encode(["a small red fox sitting in snow"], "cpu")
+    fox2, _, _ = minilm.encode(["a small red fox sitting in snow"])
     cos = torch.nn.functional.cosine_similarity
     assert cos(fox2[0, 0], ctx[0, 0], dim=0) > cos(fox2[0, 0], ctx[1, 0], dim=0)
 
 
 def test_minilm_truncates_to_max_length(minilm):
-    ctx, mask, pos = minilm.encode([" ".join(["fox"] * 100)], "cpu")
+    ctx, mask, pos = minilm.encode([" ".join(["fox"] * 100)])
     assert ctx.shape == (1, 24, 384) and mask.all() and pos[0, -1] == 23
 
 
@@ -126,7 +126,7 @@ def test_tiny_t5_sentencepiece(tiny_t5_dir):
     enc = TextEncoder(TextEncoderConfig(kind="auto", path=str(tiny_t5_dir), max_length=16))
     assert enc.kind == "t5" and isinstance(enc.model, transformers.T5EncoderModel) and enc.hidden_size == 32
     caps = ["a red cat on the rock", "big whale"]
-    ctx, mask, pos = enc.encode(caps, "cpu")
+    ctx, mask, pos = enc.encode(caps)
     ids = enc.tokenizer(caps, padding="max_length", max_length=16, return_tensors="pt")["input_ids"]
     assert ids[0, 0] != enc.tokenizer.unk_token_id  # the sentencepiece model really tokenizes
     assert torch.equal(mask, (ids != 0).long()) and ctx.shape == (2, 16, 32)
@@ -137,7 +137,7 @@ def test_tiny_t5_sentencepiece(tiny_t5_dir):
 def test_tiny_qwen2_without_system_prompt(tiny_qwen_dir):
     enc = TextEncoder(TextEncoderConfig(kind="qwen2", path=str(tiny_qwen_dir), max_length=12))
     assert enc.hidden_size == 32 and enc.num_system_tokens == 0
-    ctx, mask, pos = enc.encode(["a red cat on the rock", "owl"], "cpu")
+    ctx, mask, pos = enc.encode(["a red cat on the rock", "owl"])
     assert ctx.shape == (2, 12, 32) and mask.sum(1).tolist() == [6, 1]
     assert pos[1].tolist() == [0] * 12
 
@@ -148,8 +148,8 @@ def test_tiny_qwen2_system_prompt_is_sliced_off(tiny_qwen_dir):
     enc = TextEncoder(TextEncoderConfig(kind="qwen2", path=str(tiny_qwen_dir), max_length=L, use_system_prompt=True))
     plain = TextEncoder(TextEncoderConfig(kind="qwen2", path=str(tiny_qwen_dir), max_length=L))
     caps = ["a red cat on the rock", "owl"]
-    ctx, mask, pos = enc.encode(caps, "cpu")
-    ctx0, mask0, pos0 = plain.encode(caps, "cpu")
+    ctx, mask, pos = enc.encode(caps)
+    ctx0, mask0, pos0 = plain.encode(caps)
     assert ctx.shape == (2, L, 32) and torch.equal(mask, mask0) and torch.equal(pos, pos0)
 
     sys_ids = enc.tokenizer(HART_LLM_SYSTEM_PROMPT, return_tensors="pt")["input_ids"]
@@ -171,7 +171,7 @@ def test_tiny_qwen2_system_prompt_is_sliced_off(tiny_qwen_dir):
 def test_qwen2_bf16_runs_and_returns_float32(tiny_qwen_dir):
     enc = TextEncoder(TextEncoderConfig(kind="qwen2", path=str(tiny_qwen_dir), max_length=8, dtype="bf16"))
     assert next(enc.model.parameters()).dtype == torch.bfloat16
-    ctx, _, _ = enc.encode(["a cat"], "cpu")
+    ctx, _, _ = enc.encode(["a cat"])
     assert ctx.dtype == torch.float32 and torch.isfinite(ctx).all()
 
 
@@ -189,7 +189,7 @@ def test_system_prompt_truncated_at_max_length(tiny_qwen_dir):
     """HART tokenizes the prompt with truncation at the same max_length as the captions."""
     enc = TextEncoder(TextEncoderConfig(kind="qwen2", path=str(tiny_qwen_dir), max_length=16, use_system_prompt=True))
     assert enc.num_system_tokens == 16
-    assert enc.encode(["a cat"], "cpu")[0].shape == (1, 16, 32)
+    assert enc.encode(["a cat"])[0].shape == (1, 16, 32)
 
 
 def test_tiny_qwen2_vl_uses_its_language_model(tiny_qwen_dir, tmp_path):
@@ -210,7 +210,7 @@ def test_tiny_qwen2_vl_uses_its_language_model(tiny_qwen_dir, tmp_path):
     enc = TextEncoder(TextEncoderConfig(kind="auto", path=str(tmp_path), max_length=12))
     assert enc.kind == "qwen2" and enc.hidden_size == 32
     assert type(enc.model).__name__ == "Qwen2VLTextModel"
-    ctx, mask, _ = enc.encode(["a red cat on the rock", "owl"], "cpu")
+    ctx, mask, _ = enc.encode(["a red cat on the rock", "owl"])
     caps = ["a red cat on the rock", "owl"]
     ids = tokenizer(caps, padding="max_length", max_length=12, return_tensors="pt").input_ids
     want = full.model.language_model(input_ids=ids, attention_mask=mask).last_hidden_state

@@ -78,8 +78,8 @@ def run_config(config: str, data: str, tok: Path, *extra: str) -> RunConfig:
 
 
 def test_token_inputs_equal_on_the_fly_inputs(emoji_dataset, tokens, tokenizer_ckpt):
-    token_stage = T2IStage(run_config(CONFIG, tokens, tokenizer_ckpt, "data.num_workers=0"))
-    image_stage = T2IStage(run_config(IMAGE_CONFIG, emoji_dataset, tokenizer_ckpt, "data.num_workers=0"))
+    token_stage = T2IStage(run_config(CONFIG, tokens, tokenizer_ckpt, "data.num_workers=0"), torch.device("cpu"))
+    image_stage = T2IStage(run_config(IMAGE_CONFIG, emoji_dataset, tokenizer_ckpt, "data.num_workers=0"), torch.device("cpu"))
     token_batches, image_batches = iter(token_stage.make_reader(0, 1)), iter(image_stage.make_reader(0, 1))
     for step in range(3):
         tb, ib = next(token_batches), next(image_batches)
@@ -88,7 +88,7 @@ def test_token_inputs_equal_on_the_fly_inputs(emoji_dataset, tokens, tokenizer_c
         assert tb["frest"].shape == (8, 16, 8) and tb["context"].shape == (8, 16, 384)
         assert tb["context"].dtype == torch.float32 and tb["context_mask"].dtype == torch.long
         assert T2IStage.batch_size(tb) == T2IStage.batch_size(ib) == 8
-        got, want = token_stage.prepare(tb, "cpu", step), image_stage.prepare(ib, "cpu", step)
+        got, want = token_stage.prepare(tb, step), image_stage.prepare(ib, step)
         assert len(got["gt_idx"]) == 3
         for stored, computed in zip(got["gt_idx"], want["gt_idx"]):
             assert torch.equal(stored, computed)

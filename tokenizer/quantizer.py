@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -190,7 +192,8 @@ class MultiScaleQuantizer(nn.Module):
         """
         patch_nums = tuple(patch_nums or self.patch_nums)
         self._check_latent(f_BChw, patch_nums)
-        with torch.autocast(device_type=f_BChw.device.type, enabled=False):
+        kind = f_BChw.device.type
+        with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext():
             f_BChw = f_BChw.float()
             B, C, h, w = f_BChw.shape
             f_no_grad = f_BChw.detach()
@@ -207,7 +210,8 @@ class MultiScaleQuantizer(nn.Module):
                 f_hat = f_hat + h_BChw
                 f_rest = f_rest - h_BChw.detach()
                 vq_loss = vq_loss + F.mse_loss(f_hat.detach(), f_BChw).mul(self.beta) + F.mse_loss(f_hat, f_no_grad)
-            used_continuous = bool(torch.rand((), generator=generator) >= skip_continuous_prob)
+            coin = torch.rand((), generator=generator, device=None if generator is None else generator.device)
+            used_continuous = bool(coin >= skip_continuous_prob)
             if used_continuous:
                 f_hat = f_hat + f_rest
             vq_loss = vq_loss * (1.0 / S)

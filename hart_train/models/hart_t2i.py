@@ -264,7 +264,8 @@ class HARTForT2I(nn.Module):
             x_img = torch.cat((x_img[:, :-n_last], last), dim=1)
         x = torch.cat((text.cond_BTC, self.word_embed(x_img.to(self.dtype))), dim=1)
         seg_lens = [T] + [p * p for p in self.patch_nums[1:-1]] + [k]
-        lvl = torch.repeat_interleave(torch.arange(S, device=x.device), torch.tensor(seg_lens, device=x.device))
+        lvl = torch.repeat_interleave(torch.arange(S, device=x.device), torch.tensor(seg_lens, device=x.device),
+                                      output_size=x.shape[1])  # a known size: no host sync
         x = x + self.level_embeddings()[lvl]
 
         cos_t, sin_t = rope_1d(text.position_ids_BT, cfg.embed_dim // cfg.num_heads)
@@ -285,9 +286,8 @@ class HARTForT2I(nn.Module):
         rate = truncnorm_sample(cfg.mask_ratio_min, 1.0, 1.0, 0.25, generator, device)
         num_masked = min(math.ceil(n * rate), n - cfg.last_scale_min_keep)
         num_masked = len(range(n)[:num_masked])  # the released slice `orders[:, :num_masked]`, negatives included
-        keep = torch.ones(B, n, dtype=torch.bool, device=device)
-        keep.scatter_(1, orders[:, :num_masked], False)
-        keep_idx = keep.nonzero()[:, 1].view(B, n - num_masked)
+        # the positions not masked, ascending (orders is a permutation; no nonzero(), so no host sync)
+        keep_idx = orders[:, num_masked:].sort(dim=1).values
         if cfg.cond_drop_randn:
             drop = torch.randn(B, generator=generator, device=device) < cfg.cond_drop_rate
         else:

@@ -1,8 +1,10 @@
 """Stages: which modules exist, which train, their data and their logging, on the shared runtime.
 
-A stage object provides: `build_model()` (a module whose forward(inputs) returns loss terms with the
-total under "loss"), `load_init(module, path)`, `make_reader(rank, world_size)`, `prepare(batch, device,
-step)`, `batch_size(batch)`, `after_step(module, outputs, step)`, `log_values()`, `evaluate(module, ema,
+A stage is built by `make_stage(cfg, device)` with the rank's device (`distributed.rank_device`), where it
+keeps everything it allocates: frozen models, generators, evaluation data and sums. It provides:
+`build_model()` (a module whose forward(inputs) returns loss terms with the total under "loss"; DeepSpeed
+moves it to the device), `load_init(module, path)`, `make_reader(rank, world_size)`, `prepare(batch, step)`
+(a host batch -> the forward's inputs on the device), `batch_size(batch)`, `after_step(module, outputs, step)`, `log_values()`, `evaluate(module, ema,
 step)`, `images(module, ema, step)`, `state_dict()` / `load_state_dict()` (tensors and plain values,
 global across ranks) and a `generator` (torch.Generator, checkpointed with the run).
 """
@@ -21,10 +23,10 @@ from hart_train.stages.t2i_stage import T2IStage
 from hart_train.stages.tokenizer_stage import TokenizerStage
 
 
-def make_stage(cfg):
+def make_stage(cfg, device):
     if cfg.stage in ("tokenizer-vq", "tokenizer-hybrid"):
-        return TokenizerStage(cfg)
-    return T2IStage(cfg)
+        return TokenizerStage(cfg, device)
+    return T2IStage(cfg, device)
 
 
 def _check_dataset(url: str, key: str) -> None:

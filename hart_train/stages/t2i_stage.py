@@ -32,26 +32,27 @@ from data_tools.encode import load_tokenizer
 from data_tools.reader import StreamingReader
 from data_tools.samples import to_unit_range
 from data_tools.text_encoder import TextEncoder
+from hart_train import distributed as D
 from hart_train.models import HARTForT2I
 from hart_train.models.hart_t2i import load_official_state_dict
 from hart_train.sampling import sample_images
 
 
 class T2IStage:
-    def __init__(self, cfg):
+    def __init__(self, cfg, device: torch.device):
         self.cfg = cfg
         self.stage_cfg = cfg.t2i
-        self.device = torch.device(cfg.run.device)
-        self.generator = torch.Generator(device=self.device)
+        self.device = device
+        self.generator = D.generator(device)
         self.tokenizer = load_tokenizer(self.stage_cfg.tokenizer_ckpt, patch_nums=self.stage_cfg.model.patch_nums)
-        self.tokenizer.to(self.device)
-        self._text_encoder = TextEncoder(self.stage_cfg.text_encoder) if cfg.data.kind == "images" else None
+        self.tokenizer.to(device)
+        self._text_encoder = TextEncoder(self.stage_cfg.text_encoder, device) if cfg.data.kind == "images" else None
         self._log: dict = {}
 
     @property
     def text_encoder(self) -> TextEncoder:
         if self._text_encoder is None:
-            self._text_encoder = TextEncoder(self.stage_cfg.text_encoder)
+            self._text_encoder = TextEncoder(self.stage_cfg.text_encoder, self.device)
         return self._text_encoder
 
     def build_model(self) -> nn.Module:
@@ -71,7 +72,8 @@ class T2IStage:
         return StreamingReader(self.cfg.data, rank=rank, world_size=world_size)
 
     @torch.no_grad()
-    def prepare(self, batch: dict, device, step: int) -> dict:
+    def prepare(self, batch: dict, step: int) -> dict:
+        device = self.device
         if self.cfg.data.kind == "tokens":
             idx_BL = batch["idx"].to(device)
             idx_Bl = list(idx_BL.split([pn * pn for pn in self.stage_cfg.model.patch_nums], dim=1))
@@ -81,10 +83,10 @@ class T2IStage:
         else:
             img = to_unit_range(batch["image"]).to(device)
             idx_Bl, f_rest = self.tokenizer.img_to_idxBl_and_frest(img)
-            context, mask, pos = self.text_encoder.encode(batch["caption"], device)
+            context, mask, pos = self.text_encoder.encode(batch["caption"])
         x_wo_first = self.tokenizer.idxBl_to_var_input(idx_Bl)
         return {"context": context, "context_mask": mask, "x_BLCv_wo_first_l": x_wo_first,
-                "gt_idx": idx_Bl, "f_rest_last": f_rest, "codebook": self.tokenizer.quantize.embedding.weight,
+                "gt_idx": idx_Bl, "f_rest_last": f_rest, "codebook": self.tokenizer.quantize.codebook(),
                 "context_position_ids": pos, "generator": self.generator}
 
     @staticmethod

@@ -88,11 +88,12 @@ class TokenizerTrainModule(nn.Module):
 
 
 class TokenizerStage:
-    def __init__(self, cfg):
+    def __init__(self, cfg, device: torch.device):
         self.cfg = cfg
         self.stage_cfg = cfg.tokenizer
+        self.device = device
         self.hybrid = cfg.stage == "tokenizer-hybrid"
-        self.generator = torch.Generator()
+        self.generator = D.generator(device)
         loss_cfg = self.stage_cfg.loss
         self.dead_codes = (DeadCodeTracker(self.stage_cfg.model.vocab_size, loss_cfg.dead_code_steps)
                            if loss_cfg.dead_code_steps > 0 else None)
@@ -120,8 +121,8 @@ class TokenizerStage:
     def make_reader(self, rank: int, world_size: int) -> StreamingReader:
         return StreamingReader(self.cfg.data, rank=rank, world_size=world_size)
 
-    def prepare(self, batch: dict, device, step: int) -> dict:
-        return {"image": to_unit_range(batch["image"]).to(device), "step": step, "generator": self.generator}
+    def prepare(self, batch: dict, step: int) -> dict:
+        return {"image": to_unit_range(batch["image"].to(self.device)), "step": step, "generator": self.generator}
 
     @staticmethod
     def batch_size(batch: dict) -> int:
@@ -136,7 +137,7 @@ class TokenizerStage:
         self._log = _usage_from_hits(hits)
         if self.dead_codes is None or self.hybrid:
             return
-        dead = self.dead_codes.update(hits)
+        dead = self.dead_codes.update(hits.cpu())
         if not bool(dead.any()):
             return
         latents = outputs["latent_BChw"].permute(0, 2, 3, 1).reshape(-1, outputs["latent_BChw"].shape[1]).float()
@@ -188,21 +189,23 @@ class TokenizerStage:
             return {}
         was_training = module.training
         module.eval()
-        sums = torch.zeros(5, dtype=torch.float64)
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # summed on the device, synced once
         for img_u8 in batches:
-            img = to_unit_range(img_u8)
+            img = to_unit_range(img_u8.to(self.device))
             ref = (img + 1) / 2
             for j, continuous in enumerate((False, True)):
                 rec = (module.vae.img_to_reconstructed_img(img, continuous=continuous) + 1) / 2
-                sums[2 * j] += psnr(rec.float(), ref).clamp(max=100).sum().item()
-                sums[2 * j + 1] += ssim(rec.float(), ref).sum().item() if min(ref.shape[-2:]) >= 11 else 0.0
+                sums[2 * j] += psnr(rec, ref).clamp(max=100).sum()
+                if min(ref.shape[-2:]) >= 11:
+                    sums[2 * j + 1] += ssim(rec, ref).sum()
             sums[4] += img.shape[0]
         module.train(was_training)
         if dist.is_initialized():
             dist.all_reduce(sums)
-        n = max(1.0, sums[4].item())
-        return {"eval/psnr_discrete": sums[0].item() / n, "eval/ssim_discrete": sums[1].item() / n,
-                "eval/psnr_continuous": sums[2].item() / n, "eval/ssim_continuous": sums[3].item() / n}
+        psnr_d, ssim_d, psnr_c, ssim_c, n = sums.cpu().tolist()
+        n = max(1.0, n)
+        return {"eval/psnr_discrete": psnr_d / n, "eval/ssim_discrete": ssim_d / n,
+                "eval/psnr_continuous": psnr_c / n, "eval/ssim_continuous": ssim_c / n}
 
     @torch.no_grad()
     def images(self, module: nn.Module, ema, step: int) -> dict[str, np.ndarray]:
@@ -210,7 +213,7 @@ class TokenizerStage:
         batches = self._eval_data()
         if not batches:
             return {}
-        img = to_unit_range(batches[0][: self.stage_cfg.num_image_samples])
+        img = to_unit_range(batches[0][: self.stage_cfg.num_image_samples].to(self.device))
         was_training = module.training
         module.eval()
         disc = module.vae.img_to_reconstructed_img(img, continuous=False)
@@ -218,7 +221,7 @@ class TokenizerStage:
         module.train(was_training)
         rows = torch.cat([img, disc, cont], dim=3)  # B, 3, H, 3W
         grid = torch.cat(list(rows), dim=1)          # 3, B*H, 3W
-        arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
         return {"reconstruction": arr}
 
 
