@@ -81,3 +81,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_ckpt(tmp_path_factory):
+    """A tiny tokenizer checkpoint directory (random weights, seed 0) for the t2i stages."""
+    from runs import make_tokenizer_ckpt
+
+    return make_tokenizer_ckpt(tmp_path_factory.mktemp("tok"), seed=0)

@@ -21,7 +21,6 @@ from hart_train import config as C
 from hart_train.run_config import RunConfig
 from hart_train.stages import make_stage
 from procs import REPO
-from test_t2i_training import tokenizer_ckpt  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 aten = torch.ops.aten
@@ -84,7 +83,7 @@ def test_tokenizer_stage_keeps_everything_on_its_device(emoji_dataset):
     assert got["images"]["reconstruction"].dtype.name == "uint8"
 
 
-def test_t2i_stage_keeps_everything_on_its_device(emoji_dataset, tokenizer_ckpt):  # noqa: F811
+def test_t2i_stage_keeps_everything_on_its_device(emoji_dataset, tokenizer_ckpt):
     cfg = C.load(RunConfig, str(REPO / "configs/t2i_tiny.yaml"), [
         f"data.urls=[{emoji_dataset}]", f"t2i.tokenizer_ckpt={tokenizer_ckpt}", "t2i.model.vocab_size=64",
         "t2i.model.Cvae=8", "data.num_workers=0", "run.device=cuda", "t2i.sample_prompts=[red apple]"])

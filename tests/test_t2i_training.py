@@ -12,27 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
-from safetensors.torch import save_file
 
 from procs import REPO, check, env, kill_group, run_train, start_train, wait_for
-from tokenizer.autoencoder import HARTAutoEncoderWithDisc, config_to_dict, tokenizer_config
 
 CONFIG = "configs/t2i_tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def tokenizer_ckpt(tmp_path_factory) -> Path:
-    """A tokenizer checkpoint directory in hart-train's format (random tiny weights)."""
-    out = tmp_path_factory.mktemp("tok") / "step_00000001"
-    out.mkdir()
-    torch.manual_seed(0)
-    cfg = tokenizer_config("tiny")
-    model = HARTAutoEncoderWithDisc(cfg)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
-    (out / "config.yaml").write_text(yaml.safe_dump({"stage": "tokenizer-hybrid", "tokenizer": {"model": config_to_dict(cfg)}}))
-    return out
 
 
 def overrides(data, out, name, tok, *extra):

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import save_file
 
 from data_tools import cli as data_cli
 from data_tools import schema
@@ -26,30 +24,13 @@ from hart_train.run_config import RunConfig
 from hart_train.stages import validate_paths
 from hart_train.stages.t2i_stage import T2IStage
 from procs import REPO, check, run_train
-from tokenizer.autoencoder import HARTAutoEncoderWithDisc, config_to_dict, tokenizer_config
+from runs import make_tokenizer_ckpt
 
 CONFIG = "configs/t2i_tiny_tokens.yaml"
 IMAGE_CONFIG = "configs/t2i_tiny.yaml"
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def make_tokenizer_ckpt(root: Path, seed: int) -> Path:
-    """A tokenizer checkpoint directory in hart-train's format (random tiny weights from `seed`)."""
-    out = root / f"tok_seed{seed}" / "step_00000001"
-    out.mkdir(parents=True)
-    torch.manual_seed(seed)
-    cfg = tokenizer_config("tiny")
-    model = HARTAutoEncoderWithDisc(cfg)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
-    (out / "config.yaml").write_text(yaml.safe_dump({"stage": "tokenizer-hybrid", "tokenizer": {"model": config_to_dict(cfg)}}))
-    return out
-
-
-@pytest.fixture(scope="module")
-def tokenizer_ckpt(tmp_path_factory) -> Path:
-    return make_tokenizer_ckpt(tmp_path_factory.mktemp("tok"), seed=0)
 
 
 @pytest.fixture(scope="module")
