@@ -151,15 +151,16 @@ def _load(engine, cfg, resume, reader, ema, stage) -> int:
     return step
 
 
-def _record_param_shards(module, run_dir: str) -> None:
-    """Write how many parameter elements each rank holds (ZeRO-3: about 1/N of the model)."""
+def _record_param_shards(module, ema, run_dir: str) -> None:
+    """Write how many parameter (and EMA) elements each rank holds (ZeRO-3: about 1/N of the model)."""
     local = sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) for p in module.parameters())
     total = sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel()) for p in module.parameters())
     per_rank = D.all_gather_object(local)
+    ema_per_rank = D.all_gather_object(sum(s.numel() for s in ema.shadow) if ema is not None else 0)
     if D.is_main():
         with open(os.path.join(run_dir, "param_shards.json"), "w") as f:
-            json.dump({"total": total, "per_rank": per_rank}, f)
-        print(f"parameters: {total:,} in total; held per rank: {per_rank}", flush=True)
+            json.dump({"total": total, "per_rank": per_rank, "ema_per_rank": ema_per_rank}, f)
+        print(f"parameters: {total:,} in total; held per rank: {per_rank}; EMA per rank: {ema_per_rank}", flush=True)
 
 
 def _memory_mb(device: str) -> float:
@@ -204,8 +205,8 @@ def train(cfg: RunConfig, make_stage) -> TrainResult:
         with open(os.path.join(run_dir, "deepspeed.json"), "w") as f:
             json.dump(ds_config, f, indent=1)
     engine = E.build(cfg, model, ds_config)
-    _record_param_shards(engine.module, run_dir)
     ema = EMA(engine.module, cfg.ema.decay, device) if cfg.ema.enabled else None
+    _record_param_shards(engine.module, ema, run_dir)
     reader = stage.make_reader(rank=D.rank(), world_size=D.world_size())
     torch.manual_seed(cfg.run.seed * 1000 + D.rank() + 1)  # per-rank stream (dropout etc.)
     stage.generator.manual_seed(cfg.run.seed * 1000 + D.rank() + 7)
