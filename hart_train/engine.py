@@ -52,6 +52,11 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1 - min_ratio) * (1 - progress)
 
 
+def param_dtype(cfg) -> torch.dtype:
+    """The dtype the module's parameters are kept in (the optimizer's masters are fp32 either way)."""
+    return torch.bfloat16 if cfg.run.dtype == "bf16" else torch.float32
+
+
 def deepspeed_config(cfg, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON for `cfg` (a RunConfig)."""
     run, zero = cfg.run, cfg.zero

@@ -121,7 +121,7 @@ def check_writable(run_dir: str) -> None:
 
 def _check_disk(run_dir: str, model) -> None:
     """One checkpoint holds about 5 fp32 copies of the parameters (weights, EMA, master, 2 Adam moments)."""
-    need = 5 * 4 * sum(p.numel() for p in model.parameters())
+    need = 5 * 4 * sum(_numel(p) for p in model.parameters())
     free = shutil.disk_usage(run_dir).free
     if free < need:
         raise PreflightError(f"not enough disk for a checkpoint under {run_dir}: {free / 2**20:.1f} MiB free, "
@@ -151,16 +151,24 @@ def _load(engine, cfg, resume, reader, ema, stage) -> int:
     return step
 
 
-def _record_param_shards(module, ema, run_dir: str) -> None:
-    """Write how many parameter (and EMA) elements each rank holds (ZeRO-3: about 1/N of the model)."""
+def _record_param_shards(module, ema, run_dir: str, construction_bytes: int | None) -> None:
+    """Write how many parameter (and EMA) elements each rank holds (ZeRO-3: about 1/N of the model) and
+    each rank's peak memory while the model was built and its initial weights loaded."""
     local = sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) for p in module.parameters())
-    total = sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel()) for p in module.parameters())
+    total = sum(_numel(p) for p in module.parameters())
     per_rank = D.all_gather_object(local)
     ema_per_rank = D.all_gather_object(sum(s.numel() for s in ema.shadow) if ema is not None else 0)
+    construction = D.all_gather_object(construction_bytes)
     if D.is_main():
         with open(os.path.join(run_dir, "param_shards.json"), "w") as f:
-            json.dump({"total": total, "per_rank": per_rank, "ema_per_rank": ema_per_rank}, f)
-        print(f"parameters: {total:,} in total; held per rank: {per_rank}; EMA per rank: {ema_per_rank}", flush=True)
+            json.dump({"total": total, "per_rank": per_rank, "ema_per_rank": ema_per_rank,
+                       "construction_peak_bytes": construction}, f)
+        print(f"parameters: {total:,} in total; held per rank: {per_rank}; EMA per rank: {ema_per_rank}; "
+              f"peak bytes while building: {construction}", flush=True)
+
+
+def _numel(p) -> int:
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
 
 
 def _memory_mb(device: str) -> float:
@@ -194,19 +202,16 @@ def train(cfg: RunConfig, make_stage) -> TrainResult:
     check_writable(run_dir)
     resume = _prepare_run_dir(cfg, run_dir, root)
 
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = stage.build_model()
-    _check_disk(run_dir, model)
-    if resume is None and cfg.run.init_from:
-        stage.load_init(model, cfg.run.init_from)
     same_world = resume is None or ckpt.read_meta(resume)["world_size"] == D.world_size()
     ds_config = E.deepspeed_config(cfg, load_universal=not same_world and cfg.zero.stage > 0)
     if D.is_main():
         with open(os.path.join(run_dir, "deepspeed.json"), "w") as f:
             json.dump(ds_config, f, indent=1)
+    model, construction_bytes = build_model(cfg, stage, ds_config, device, cfg.run.init_from if resume is None else None)
+    _check_disk(run_dir, model)
     engine = E.build(cfg, model, ds_config)
     ema = EMA(engine.module, cfg.ema.decay, device) if cfg.ema.enabled else None
-    _record_param_shards(engine.module, ema, run_dir)
+    _record_param_shards(engine.module, ema, run_dir, construction_bytes)
     reader = stage.make_reader(rank=D.rank(), world_size=D.world_size())
     torch.manual_seed(cfg.run.seed * 1000 + D.rank() + 1)  # per-rank stream (dropout etc.)
     stage.generator.manual_seed(cfg.run.seed * 1000 + D.rank() + 7)
@@ -221,6 +226,20 @@ def train(cfg: RunConfig, make_stage) -> TrainResult:
     finally:
         reader.close()
         logger.close()
+
+
+def build_model(cfg: RunConfig, stage, ds_config: dict, device, init_from: str | None):
+    """The stage's module with identical initial weights on every rank, built partitioned under ZeRO-3
+    where the stage supports it (no rank holds the whole model), then `init_from` loaded into it one
+    tensor at a time. Returns (module, this rank's peak memory in bytes while doing so, or None)."""
+    torch.manual_seed(cfg.run.seed)
+    partitioned = cfg.zero.stage == 3 and stage.partitioned_construction
+    with host_memory.PeakMemory(device) as peak:
+        with zero_utils.partitioned_construction(ds_config, E.param_dtype(cfg), enabled=partitioned):
+            model = stage.build_model()
+        if init_from:
+            stage.load_init(model, init_from)
+    return model, peak.peak_bytes
 
 
 def _save(cfg, stage, engine, ema, reader, root, step, device) -> str:

@@ -24,13 +24,65 @@ def _gathered(params: list[nn.Parameter]):
     return contextlib.nullcontext()
 
 
+def modifying(params) -> contextlib.AbstractContextManager:
+    """Gather ZeRO-3 partitioned `params` whole for an in-place change made identically on every rank
+    (rank 0's result is kept and re-partitioned); a no-op for ordinary parameters. Initialisers that
+    run after a submodule was built use it, so they also work under `partitioned_construction`."""
+    params = list(params)
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
+def partitioned_construction(ds_config: dict, dtype: torch.dtype, enabled: bool) -> contextlib.AbstractContextManager:
+    """Build a module under ZeRO-3's partitioned initialisation: each submodule's parameters are split
+    across the ranks as soon as it is constructed, so no rank ever holds the whole model."""
+    if not enabled:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype, mem_efficient_linear=False)
+
+
+@torch.no_grad()
+def load_safetensors(module: nn.Module, path: str, skip: tuple[str, ...] = ()) -> None:
+    """Load a safetensors file into `module` strictly (same names, same shapes; `skip` names are ignored),
+    one tensor at a time: under ZeRO-3 each parameter is gathered, written by rank 0 (the only rank that
+    reads its data) and re-partitioned, so no rank holds more than one full tensor beyond its shards."""
+    import torch.distributed as dist
+    from safetensors import safe_open
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    targets = dict(module.named_parameters())
+    targets.update((n, b) for n, b in module.named_buffers() if _is_persistent(module, n))
+    with safe_open(path, framework="pt", device="cpu") as f:
+        keys = set(f.keys()) - set(skip)
+        missing, unexpected = sorted(set(targets) - keys), sorted(keys - set(targets))
+        if missing or unexpected:
+            raise ValueError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for name, t in targets.items():
+            want = tuple(getattr(t, "ds_shape", t.shape))
+            got = tuple(f.get_slice(name).get_shape())
+            if got != want:
+                raise ValueError(f"{path}: {name} has shape {got}, the model's is {want}")
+    for name, t in targets.items():
+        partitioned = hasattr(t, "ds_id")
+        with modifying([t]):
+            if rank == 0 or not partitioned:
+                # the file is memory-mapped: open it per tensor, so its pages are let go after each one
+                with safe_open(path, framework="pt", device="cpu") as f:
+                    t.data.copy_(f.get_tensor(name))
+
+
 def local_master(p: nn.Parameter) -> torch.Tensor:
     """This rank's piece of `p`'s fp32 master weights, flat: under ZeRO-3 its partition (padded, the
     `ds_tensor` layout), under ZeRO-1/2 and DeepSpeed's bf16 optimizer its fragment of the flat master
     (possibly empty), else the whole weight. A view of the optimizer's master where one exists, so what
     the optimizer writes is what this reads; frozen parameters have no master and give their own values."""
     if hasattr(p, "ds_id"):
-        if p.requires_grad:
+        if p.requires_grad and hasattr(p, "_z3_optimizer"):
             from deepspeed.utils import safe_get_local_fp32_param
 
             return safe_get_local_fp32_param(p)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from hart_train.zero_utils import modifying
+
 from .blocks import TimestepEmbedder
 from .diffusion import GaussianDiffusion
 
@@ -61,15 +63,18 @@ class SimpleMLPAdaLN(nn.Module):
 
     def initialize_weights(self):
         """MAR's init: xavier-uniform Linears, N(0, 0.02) time MLP, zeroed adaLN and output layers."""
-        for m in self.modules():
+        for m in self.modules():  # one module at a time (`modifying`): also on a partitioned model
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+                with modifying(m.parameters()):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
+        for lin in (self.time_embed.mlp[0], self.time_embed.mlp[2]):
+            with modifying([lin.weight]):
+                nn.init.normal_(lin.weight, std=0.02)
         for lin in [b.adaLN_modulation[-1] for b in self.res_blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+            with modifying(lin.parameters()):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Computes in the weights' dtype; the output is fp32, since the diffusion loss and the sampler's

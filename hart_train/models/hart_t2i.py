@@ -31,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from hart_train.zero_utils import modifying
+
 from .blocks import AdaLNBeforeHead, AdaLNSelfAttn, KVCache, RMSNorm, TimestepEmbedder, context_pooling
 from .diffloss import DiffLoss
 from .diffusion import space_timesteps
@@ -185,25 +187,28 @@ class HARTForT2I(nn.Module):
         init for the diffusion head. RMSNorm weights keep their constructor values."""
         C, depth = self.config.embed_dim, self.config.depth
         std = math.sqrt(1 / C / 3) if init_std < 0 else init_std
+        # one module at a time (`modifying`), so this also runs on a model built partitioned (ZeRO-3)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=std)
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.LayerNorm):
-                if m.weight is not None:
-                    m.weight.fill_(1.0)
-                if m.bias is not None:
-                    m.bias.zero_()
-        self.head.weight.mul_(init_head)
-        self.head.bias.zero_()
-        self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
-        self.head_nm.ada_lin[-1].bias.zero_()
+            if isinstance(m, (nn.Linear, nn.LayerNorm)):
+                with modifying(m.parameters(recurse=False)):
+                    if isinstance(m, nn.Linear):
+                        nn.init.trunc_normal_(m.weight, std=std)
+                    elif m.weight is not None:
+                        m.weight.fill_(1.0)
+                    if m.bias is not None:
+                        m.bias.zero_()
+        with modifying(self.head.parameters()):
+            self.head.weight.mul_(init_head)
+            self.head.bias.zero_()
+        with modifying(self.head_nm.ada_lin[-1].parameters()):
+            self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+            self.head_nm.ada_lin[-1].bias.zero_()
         for b in self.blocks:
-            b.attn.proj.weight.div_(math.sqrt(2 * depth))
-            b.ada_lin[-1].weight[2 * C:].mul_(init_adaln)
-            b.ada_lin[-1].weight[: 2 * C].mul_(init_adaln_gamma)
-            b.ada_lin[-1].bias.zero_()
+            with modifying([b.attn.proj.weight, *b.ada_lin[-1].parameters()]):
+                b.attn.proj.weight.div_(math.sqrt(2 * depth))
+                b.ada_lin[-1].weight[2 * C:].mul_(init_adaln)
+                b.ada_lin[-1].weight[: 2 * C].mul_(init_adaln_gamma)
+                b.ada_lin[-1].bias.zero_()
         self.diffloss.initialize_weights()
 
     def set_grad_checkpointing(self, enable: bool = True):
@@ -466,16 +471,23 @@ def load_official_state_dict(model: HARTForT2I, state_dict: dict[str, torch.Tens
     """Load a released `HARTForT2I` state dict (e.g. `ema_model.bin`). The regenerable buffers `lvl_1L` and
     `attn_bias_for_masking` are checked against this config's sequence layout, then dropped."""
     sd = dict(state_dict)
-    T, L = model.config.context_token, model.L
-    if "lvl_1L" in sd:
-        want = _official_buffers(model, with_mask=False)["lvl_1L"]
-        if tuple(sd["lvl_1L"].shape) != tuple(want.shape) or not torch.equal(sd["lvl_1L"].cpu().long(), want):
-            raise ValueError(f"lvl_1L in the checkpoint does not match patch_nums={model.patch_nums}, context_token={T}")
-    if "attn_bias_for_masking" in sd and tuple(sd["attn_bias_for_masking"].shape) != (1, 1, T + L - 1, T + L - 1):
-        raise ValueError(f"attn_bias_for_masking has shape {tuple(sd['attn_bias_for_masking'].shape)}, expected length {T + L - 1}")
+    bias = sd.get("attn_bias_for_masking")
+    check_regenerable_buffers(model, sd.get("lvl_1L"), None if bias is None else tuple(bias.shape))
     for name in REGENERABLE_BUFFERS:
         sd.pop(name, None)
     return model.load_state_dict(sd, strict=strict)
+
+
+def check_regenerable_buffers(model: HARTForT2I, lvl_1L: torch.Tensor | None, attn_bias_shape: tuple | None) -> None:
+    """A released checkpoint's `lvl_1L` and (the shape of) `attn_bias_for_masking`, where present, must fit
+    this config's sequence layout; they are regenerated, not loaded."""
+    T, L = model.config.context_token, model.L
+    if lvl_1L is not None:
+        want = _official_buffers(model, with_mask=False)["lvl_1L"]
+        if tuple(lvl_1L.shape) != tuple(want.shape) or not torch.equal(lvl_1L.cpu().long(), want):
+            raise ValueError(f"lvl_1L in the checkpoint does not match patch_nums={model.patch_nums}, context_token={T}")
+    if attn_bias_shape is not None and attn_bias_shape != (1, 1, T + L - 1, T + L - 1):
+        raise ValueError(f"attn_bias_for_masking has shape {attn_bias_shape}, expected length {T + L - 1}")
 
 
 def _official_buffers(model: HARTForT2I, with_mask: bool = True) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 
 from data_tools.encode import load_tokenizer
@@ -33,12 +33,15 @@ from data_tools.reader import StreamingReader
 from data_tools.samples import to_unit_range
 from data_tools.text_encoder import TextEncoder
 from hart_train import distributed as D
+from hart_train import zero_utils
 from hart_train.models import HARTForT2I
-from hart_train.models.hart_t2i import load_official_state_dict
+from hart_train.models.hart_t2i import REGENERABLE_BUFFERS, check_regenerable_buffers
 from hart_train.sampling import sample_images
 
 
 class T2IStage:
+    partitioned_construction = True  # under ZeRO-3 the model is built partitioned (zero_utils)
+
     def __init__(self, cfg, device: torch.device):
         self.cfg = cfg
         self.stage_cfg = cfg.t2i
@@ -65,8 +68,15 @@ class T2IStage:
         return model
 
     def load_init(self, module: nn.Module, path: str) -> None:
-        """Start from a previous stage (or an imported official checkpoint): all weights, strictly."""
-        load_official_state_dict(module, load_file(f"{path.rstrip('/')}/model.safetensors"), strict=True)
+        """Start from a previous stage (or an imported official checkpoint): all weights, strictly, one
+        tensor at a time into the (partitioned) model."""
+        file = f"{path.rstrip('/')}/model.safetensors"
+        with safe_open(file, framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            lvl = f.get_tensor("lvl_1L") if "lvl_1L" in keys else None
+            bias = tuple(f.get_slice("attn_bias_for_masking").get_shape()) if "attn_bias_for_masking" in keys else None
+        check_regenerable_buffers(module, lvl, bias)
+        zero_utils.load_safetensors(module, file, skip=REGENERABLE_BUFFERS)
 
     def make_reader(self, rank: int, world_size: int) -> StreamingReader:
         return StreamingReader(self.cfg.data, rank=rank, world_size=world_size)

@@ -88,6 +88,10 @@ class TokenizerTrainModule(nn.Module):
 
 
 class TokenizerStage:
+    # the tokenizer (109M parameters at full size, ZeRO-2 in its recipes) is built whole on every rank;
+    # its initialisers are not written for partitioned construction
+    partitioned_construction = False
+
     def __init__(self, cfg, device: torch.device):
         self.cfg = cfg
         self.stage_cfg = cfg.tokenizer
