@@ -5,6 +5,16 @@ The optimizer is torch's AdamW with VAR's parameter groups (no weight decay for 
 and the embedding-like names VAR exempts, `train.py:110-116` there); the schedule is a linear warmup
 then cosine or linear decay, as a LambdaLR that DeepSpeed checkpoints with the engine.
 
+Precision (`run.dtype`): bf16 is DeepSpeed's bf16 mode. The module's parameters are bf16, so ZeRO-3
+gathers and reduces half the bytes of fp32; the optimizer keeps fp32 masters and fp32 Adam moments, and
+the EMA and the saved weights follow those masters (`zero_utils.local_master`). The models cast what
+enters them to their weights' dtype and keep in fp32 what the field keeps there: norm statistics (RMSNorm
+explicitly, BatchNorm explicitly, GroupNorm/LayerNorm by ATen's fp32 accumulation), the logits, softmax and
+cross-entropy, the diffusion loss and its schedule, and the quantizer. Explicit casts rather than
+DeepSpeed's `torch_autocast`: CPU and CUDA autocast cast different op lists, so CPU tests of an autocast
+run would not check the numerics the GPUs compute; with explicit casts both run the same ops in the
+same dtypes. fp16 is refused by the config check.
+
 ZeRO-1/2 bucket sizes are set small by default: DeepSpeed's defaults (5e8) made CPU steps 8x slower
 in measurements on this project's machines; on GPUs raise them in the config.
 """
@@ -50,11 +60,6 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     if schedule == "cosine":
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return min_ratio + (1 - min_ratio) * (1 - progress)
-
-
-def param_dtype(cfg) -> torch.dtype:
-    """The dtype the module's parameters are kept in (the optimizer's masters are fp32 either way)."""
-    return torch.bfloat16 if cfg.run.dtype == "bf16" else torch.float32
 
 
 def deepspeed_config(cfg, load_universal: bool = False) -> dict:

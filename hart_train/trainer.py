@@ -231,11 +231,15 @@ def train(cfg: RunConfig, make_stage) -> TrainResult:
 def build_model(cfg: RunConfig, stage, ds_config: dict, device, init_from: str | None):
     """The stage's module with identical initial weights on every rank, built partitioned under ZeRO-3
     where the stage supports it (no rank holds the whole model), then `init_from` loaded into it one
-    tensor at a time. Returns (module, this rank's peak memory in bytes while doing so, or None)."""
+    tensor at a time. Returns (module, this rank's peak memory in bytes while doing so, or None).
+
+    Built partitioned, the parameters are created in the run's dtype: in fp32 the initial weights are
+    bit for bit those of an unpartitioned build, in bf16 they are drawn in bf16 (the same distribution,
+    not the same bits as drawing in fp32 and rounding)."""
     torch.manual_seed(cfg.run.seed)
     partitioned = cfg.zero.stage == 3 and stage.partitioned_construction
     with host_memory.PeakMemory(device) as peak:
-        with zero_utils.partitioned_construction(ds_config, E.param_dtype(cfg), enabled=partitioned):
+        with zero_utils.partitioned_construction(ds_config, enabled=partitioned):
             model = stage.build_model()
         if init_from:
             stage.load_init(model, init_from)

@@ -36,14 +36,16 @@ def modifying(params) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def partitioned_construction(ds_config: dict, dtype: torch.dtype, enabled: bool) -> contextlib.AbstractContextManager:
+def partitioned_construction(ds_config: dict, enabled: bool) -> contextlib.AbstractContextManager:
     """Build a module under ZeRO-3's partitioned initialisation: each submodule's parameters are split
-    across the ranks as soon as it is constructed, so no rank ever holds the whole model."""
+    across the ranks as soon as it is constructed, so no rank ever holds the whole model. They are
+    created in the run's parameter dtype, which zero.Init takes from `ds_config` (its `dtype` argument
+    is not passed: DeepSpeed 0.19.8 turns any given dtype into bf16 on accelerators without fp16)."""
     if not enabled:
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype, mem_efficient_linear=False)
+    return deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""bf16 as the full-size recipes run it: the shipped configs at small width (configs/t2i_256.yaml,
+"""bf16 as the full-size recipes run it: the shipped configs at small width (configs/t2i_{256,512,1024}.yaml,
 tokenizer_vq.yaml, tokenizer_hybrid.yaml with their own bf16, ZeRO stage and thresholds, activation
 checkpointing and EMA; only sizes, run lengths, paths and the device overridden), 2 gloo ranks on this
 CPU (which has AMX-BF16), a Qwen2 text encoder with HART's system prompt.
@@ -32,6 +32,7 @@ from runs import fullsize_t2i_overrides, losses
 from text_models import save_tiny_qwen
 
 T2I = "configs/t2i_256.yaml"
+T2I_512, T2I_1024 = "configs/t2i_512.yaml", "configs/t2i_1024.yaml"  # the same settings at other resolutions
 TOKENIZER_SIZES = ["tokenizer.model.vocab_size=64", "tokenizer.model.z_channels=8", "tokenizer.model.ch=32",
                    "tokenizer.model.ch_mult=[1,2,2]", "tokenizer.model.patch_nums=[1,2,4]",
                    "tokenizer.model.disc_ndf=8", "tokenizer.model.disc_n_layers=2", "data.resolution=16",
@@ -93,7 +94,7 @@ def _model_config(run: Path) -> HARTConfig:
 
 
 def test_first_step_matches_fp32(reference, t2i_args, tmp_path):
-    """From the same trained-looking weights (random, with the zero-initialised output layers filled in so
+    """configs/t2i_1024.yaml: from the same trained-looking weights (random, with the zero-initialised output layers filled in so
     that every term depends on the precision), one step in bf16 and one in fp32."""
     torch.manual_seed(1)
     model = HARTForT2I(_model_config(reference))
@@ -105,7 +106,7 @@ def test_first_step_matches_fp32(reference, t2i_args, tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, init / "model.safetensors")
     first = {}
     for dtype in ("bf16", "fp32"):
-        check(run_train(T2I, t2i_args(tmp_path, dtype, f"run.dtype={dtype}", f"run.init_from={init}",
+        check(run_train(T2I_1024, t2i_args(tmp_path, dtype, f"run.dtype={dtype}", f"run.init_from={init}",
                                       "run.max_steps=1", "ema.enabled=false")))
         first[dtype] = losses(tmp_path / dtype)[1]
     for key, rel in (("loss", 0.005), ("ce", 0.005), ("diff_loss", 0.01)):
@@ -207,7 +208,7 @@ def test_tokenizer_stages_encode_and_t2i_from_tokens_in_bf16(emoji_dataset, qwen
 
 
 def test_partitioned_construction_holds_half_the_model_per_rank(reference, t2i_args, tmp_path):
-    """The shipped 256px config (ZeRO-3, bf16) at a mid size (42M parameters, 80 MiB in bf16): each of 2
+    """The shipped 512px config (ZeRO-3, bf16) at a mid size (42M parameters, 80 MiB in bf16): each of 2
     ranks peaks at its half of the model plus a constant ~12 MiB (one layer built whole before it is
     split, DeepSpeed's bookkeeping) while building it and loading `run.init_from` into it, measured as
     the kernel's peak resident set (host_memory.PeakMemory): 0.65-0.68 of the model here, 0.59 at depth
@@ -226,7 +227,7 @@ def test_partitioned_construction_holds_half_the_model_per_rank(reference, t2i_a
     for zero in (3, 2):
         out = tmp_path / f"zero{zero}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               "tests/construct_worker.py", T2I, str(out),
+               "tests/construct_worker.py", T2I_512, str(out),
                *t2i_args(tmp_path, "c", *sizes, f"zero.stage={zero}", f"run.init_from={init}")]
         result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

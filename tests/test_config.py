@@ -83,3 +83,14 @@ def test_yaml_is_loaded_safely(tmp_path):
 def test_missing_file_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         C.load(Run, "nope.yaml")
+
+
+def test_fp16_is_refused_with_a_reason():
+    from pathlib import Path
+
+    from hart_train.run_config import RunConfig
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "t2i_256.yaml")
+    with pytest.raises(C.ConfigError, match="run.*fp16 is not supported.*bf16"):
+        C.load(RunConfig, config, ["run.dtype=fp16"])
+    assert C.load(RunConfig, config, ["run.dtype=bf16"]).run.dtype == "bf16"
