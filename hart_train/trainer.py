@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from hart_train import checkpoint as ckpt
 from hart_train import config as C
@@ -195,6 +196,9 @@ def train(cfg: RunConfig, make_stage) -> TrainResult:
         torch.set_num_threads(cfg.run.num_threads)
     if cfg.run.keep_freed_host_memory:
         host_memory.keep_freed_memory()
+    # tqdm (progress bars of model loading) would start a monitor thread, which only warns about slow
+    # bars; the reader forks its workers from this process, and a fork is safest with no stray threads
+    tqdm.monitor_interval = 0
     device = D.init(cfg.run.device, cfg.run.collective_timeout_s)
     stage = make_stage(cfg, device)
     run_dir = run_dir_of(cfg)
