@@ -18,6 +18,7 @@ all-reduce), save a checkpoint and exit 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -221,9 +222,10 @@ def train(cfg: RunConfig, make_stage) -> TrainResult:
     stage.generator.manual_seed(cfg.run.seed * 1000 + D.rank() + 7)
     step = 0
     if resume is not None:
+        t_load = time.perf_counter()
         step = _load(engine, cfg, resume, reader, ema, stage)
         if D.is_main():
-            print(f"resumed from {resume} at step {step}", flush=True)
+            print(f"resumed from {resume} at step {step} ({time.perf_counter() - t_load:.1f} s)", flush=True)
     logger = MetricsLogger(run_dir, C.to_dict(cfg), cfg.wandb, enabled=D.is_main())
     try:
         return _loop(cfg, stage, engine, ema, reader, logger, device, run_dir, root, step)
@@ -264,23 +266,44 @@ def _save(cfg, stage, engine, ema, reader, root, step, device) -> str:
                            f"{previous} is intact and the partial one is removed at the next start") from e
 
 
+def _train_step(cfg, stage, engine, batches, step) -> tuple[dict, dict, int]:
+    """One optimizer step over `run.grad_accum` micro-batches: (mean scalar terms, last outputs, samples)."""
+    terms, samples = {}, 0
+    for _ in range(cfg.run.grad_accum):
+        batch = next(batches)
+        inputs = stage.prepare(batch, step)
+        out = engine(**inputs)
+        engine.backward(out["loss"])
+        engine.step()
+        samples += stage.batch_size(batch)
+        for k, v in out.items():
+            if torch.is_tensor(v) and v.numel() == 1:
+                terms[k] = terms.get(k, 0.0) + float(v.detach()) / cfg.run.grad_accum
+    return terms, out, samples
+
+
+def _record_memory(engine, peak: host_memory.PeakMemory, run_dir: str) -> None:
+    """After the first step of a run: every rank's bytes by holder (`zero_utils.memory_breakdown`) and
+    the step's peak above what was held before it (activations and temporaries), in memory.json."""
+    mine = {**zero_utils.memory_breakdown(engine), "step_peak_above_static": peak.peak_bytes}
+    per_rank = D.all_gather_object(mine)
+    if D.is_main():
+        with open(os.path.join(run_dir, "memory.json"), "w") as f:
+            json.dump({"per_rank": per_rank}, f, indent=1)
+
+
 def _loop(cfg, stage, engine, ema, reader, logger, device, run_dir, root, step) -> TrainResult:
     preempt = _Preemption()
     batches = iter(reader)
     last_ckpt, window, t0 = None, {}, time.perf_counter()
     samples_in_window = 0
+    first = step
     while step < cfg.run.max_steps:
-        terms = {}
-        for _ in range(cfg.run.grad_accum):
-            batch = next(batches)
-            inputs = stage.prepare(batch, step)
-            out = engine(**inputs)
-            engine.backward(out["loss"])
-            engine.step()
-            samples_in_window += stage.batch_size(batch)
-            for k, v in out.items():
-                if torch.is_tensor(v) and v.numel() == 1:
-                    terms[k] = terms.get(k, 0.0) + float(v.detach()) / cfg.run.grad_accum
+        with host_memory.PeakMemory(device) if step == first else contextlib.nullcontext() as peak:
+            terms, out, samples = _train_step(cfg, stage, engine, batches, step)
+        samples_in_window += samples
+        if step == first:
+            _record_memory(engine, peak, run_dir)
         step += 1
         if ema is not None:
             ema.update()
@@ -300,9 +323,10 @@ def _loop(cfg, stage, engine, ema, reader, logger, device, run_dir, root, step) 
         _periodic(cfg, stage, engine, ema, logger, step)
         stop = D.any_true(preempt.requested, device)
         if stop or step == cfg.run.max_steps or (cfg.run.save_every and step % cfg.run.save_every == 0):
+            t_save = time.perf_counter()
             last_ckpt = _save(cfg, stage, engine, ema, reader, root, step, device)
             if D.is_main():
-                print(f"saved checkpoint {last_ckpt}", flush=True)
+                print(f"saved checkpoint {last_ckpt} ({time.perf_counter() - t_save:.1f} s)", flush=True)
         if stop:
             if D.is_main():
                 print(f"preempted: saved at step {step}, exiting", flush=True)

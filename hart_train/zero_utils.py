@@ -201,3 +201,33 @@ def set_full_param(param: nn.Parameter, value: torch.Tensor, reset_rows: torch.T
                 state = state.clone()
                 state[reset_rows.to(state.device)] = 0
                 safe_set_full_optimizer_state(param, state, key)
+
+
+def _storage_bytes(tensors, seen: set) -> int:
+    total = 0
+    for t in tensors:
+        if t is None or not torch.is_tensor(t) or t.numel() == 0:
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def memory_breakdown(engine) -> dict[str, int]:
+    """Bytes this rank holds now, by what holds them, counted from the tensors themselves (shared
+    storage once): the module's parameters (ZeRO-3: their partitions), the optimizer's fp32 master
+    weights (the tensors its inner torch optimizer steps), the optimizer state (Adam moments), and the
+    gradients (ZeRO-3's flat fp32 gradient partitions, or the masters' .grad)."""
+    seen: set = set()
+    module = engine.module
+    params = _storage_bytes((getattr(p, "ds_tensor", p) for p in module.parameters()), seen)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    masters = [p for g in inner.param_groups for p in g["params"]]
+    # ZeRO-3 keeps its fp32 partitions here (the inner optimizer may hold placeholders, e.g. with offload)
+    master_bytes = _storage_bytes(list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])) + masters, seen)
+    state = _storage_bytes((v for st in inner.state.values() for v in st.values()), seen)
+    grads = _storage_bytes([getattr(engine.optimizer, "grad_partitions_flat_buffer", None)]
+                           + [p.grad for p in masters], seen)
+    return {"parameters": params, "master_weights": master_bytes, "optimizer_state": state, "gradients": grads}

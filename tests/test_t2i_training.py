@@ -53,6 +53,13 @@ def test_t2i_trains_with_sharded_parameters(reference):
     for held in shards["per_rank"]:
         assert abs(held - shards["total"] / 2) <= 0.05 * shards["total"] / 2, shards
     assert (reference / "images" / "samples_step00000012.png").exists()
+    # memory by holder after the first step, counted from the tensors: fp32 ZeRO-3 partitions (the masters
+    # are the partitions themselves), two Adam moments of the same size, one flat gradient partition
+    for held, mem in zip(shards["per_rank"], json.loads((reference / "memory.json").read_text())["per_rank"]):
+        assert abs(mem["parameters"] - 4 * held) <= 0.01 * 4 * held, mem
+        assert abs(mem["optimizer_state"] - 2 * mem["parameters"]) <= 0.01 * mem["parameters"], mem
+        assert abs(mem["gradients"] - mem["parameters"]) <= 0.01 * mem["parameters"], mem
+        assert mem["step_peak_above_static"] > 0
 
 
 def test_ema_is_sharded_and_equals_the_unsharded_runs(reference, emoji_dataset, tokenizer_ckpt, tmp_path):
