@@ -55,7 +55,8 @@ class PeakMemory:
     /proc/self/clear_refs). `None` where neither can be measured.
 
     On the host, glibc would keep freed blocks in its heap, and the resident set would count them as if
-    they were live (a partitioned model build measured 2.5x its live tensors that way). While measuring,
+    they were live (many times the live tensors for a partitioned build, which frees a layer's full
+    weights after splitting each). While measuring,
     every allocation above 64 KiB is therefore its own mapping, unmapped when freed, so the peak resident
     set follows the peak of live memory; the previous malloc settings come back afterwards."""
 
