@@ -16,24 +16,22 @@ import torch
 from torch import nn
 
 
-def _gathered(params: list[nn.Parameter]):
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
-
-
-def modifying(params) -> contextlib.AbstractContextManager:
-    """Gather ZeRO-3 partitioned `params` whole for an in-place change made identically on every rank
-    (rank 0's result is kept and re-partitioned); a no-op for ordinary parameters. Initialisers that
-    run after a submodule was built use it, so they also work under `partitioned_construction`."""
+def _gathered(params, modifier_rank: int | None = None) -> contextlib.AbstractContextManager:
+    """ZeRO-3 partitioned `params` gathered whole for the block (a no-op for ordinary parameters); with a
+    `modifier_rank`, that rank's in-place changes are kept and re-partitioned on exit."""
     params = list(params)
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
     return contextlib.nullcontext()
+
+
+def modifying(params) -> contextlib.AbstractContextManager:
+    """Gather `params` for an in-place change made identically on every rank (rank 0's result is kept).
+    Initialisers that run after a submodule was built use it, so they also work under
+    `partitioned_construction`."""
+    return _gathered(params, modifier_rank=0)
 
 
 def partitioned_construction(ds_config: dict, enabled: bool) -> contextlib.AbstractContextManager:

@@ -36,7 +36,7 @@ class DeviceAudit(TorchDispatchMode):
         kwargs = kwargs or {}
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if func is aten._local_scalar_dense.default and args[0].device == META:
-            return args[0].dtype.is_floating_point and 0.0 or 0  # stand-in for a device -> host read
+            return 0.0 if args[0].dtype.is_floating_point else 0  # stand-in for a device -> host read
         if func is aten._to_copy.default and args[0].device == META and kwargs.get("device", META) != META:
             return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)  # device -> host copy
         if func is aten.bincount.default and args[0].device == META:  # no meta kernel: its size is data's
