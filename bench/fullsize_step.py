@@ -1,7 +1,7 @@
 """The released HART shape (depth 16, width 1536, the 37M diffusion head: 732,497,472 parameters) trained
 on this machine's CPUs as the full-size recipes run it, measured. Prints one JSON object.
 
-    python bench/fullsize_step.py [--schedules 256,1024] [--steps 3] [--work /tmp/hart-fullsize]
+    python bench/fullsize_step.py [--schedules 256,1024] [--steps 3] [--work /tmp/hart-fullsize] [--memory-only]
 
 For each schedule the shipped config (configs/t2i_{256,1024}.yaml: bf16, ZeRO-3, activation
 checkpointing, partitioned construction, the released last-scale token dropping) runs through the real
@@ -27,14 +27,17 @@ measured in the same run (a 4096^3 matmul in one process per rank, one thread ea
 the CPU's MFU. Per rank: memory by holder after the first step (the trainer's memory.json: parameters,
 fp32 masters, Adam moments, gradients, and the first step's peak above them), peak resident memory, and
 peak memory while building the model (param_shards.json). Checkpoint bytes and save / load / export
-seconds. If a schedule does not fit in memory, its entry says how it failed and what ran before.
+seconds. `kernels`: both attention kernels as `run.attention: auto` timed them at the run's shape, and
+the one it took. `memory` puts `hart-train plan`'s per-rank prediction for the same run next to the measured
+`peak_total` of memory.json (holders + the second step's peak). If a schedule does not fit in memory, its
+entry says how it failed and what ran before.
 
-On the 2-core, 24 GiB development machine the 256px schedule does not fit on 2 ranks: each rank holds
-5.9 GB of state (bf16 parameter half 0.73, fp32 masters 1.46, Adam moments 2.93, gradients 0.73) and a
-step peaks 3.0 GB above that, so the ranks reach ~10.3 GB each plus the frozen tokenizer; one or two
-steps complete (40.5 s for the first, measured with the trainer's memory accounting on, 35.4 s for the
-second) before the kernel's OOM killer ends a rank in a later step or the first checkpoint save. It
-needs a host with about 32 GB.
+On the 2-core, 24 GiB development machine (`--memory-only`, two steps then the final save) the 256px
+schedule trains: per rank 6.38 GB held (bf16 parameter half 0.73, fp32 masters 1.46, Adam moments 2.93,
+gradients 0.73, frozen tokenizer and text encoder 0.52) and 1.68 GB above that in the second step (38 s),
+8.06 GB at the peak against the planner's 8.10 GB. The full 3-step run with a mid-run save, resume and
+export was OOM-killed in its third step or at the first save. 1024px does not fit: the planner puts a
+rank at 10.5 GB, and both ranks were killed in their first step. It needs a host with about 32 GB.
 """
 
 from __future__ import annotations
@@ -67,8 +70,9 @@ def _env() -> dict:
     return e
 
 
-def prepare(work: Path, resolution: int) -> dict:
-    """Emoji shards at `resolution`, a full-size random tokenizer checkpoint, a width-1536 Qwen2."""
+def prepare(work: Path, resolution: int, with_data: bool = True) -> dict:
+    """Emoji shards at `resolution` (unless not `with_data`), a full-size random tokenizer checkpoint, a
+    width-1536 Qwen2."""
     import yaml
     from safetensors.torch import save_file
 
@@ -77,7 +81,7 @@ def prepare(work: Path, resolution: int) -> dict:
     from tokenizer.autoencoder import HARTAutoEncoderWithDisc, TokenizerConfig, config_to_dict
 
     data = work / f"emoji-{resolution}"
-    if not (data / "manifest.json").exists():
+    if with_data and not (data / "manifest.json").exists():
         shard_dataset("emoji", str(data), resolution=resolution, fmt="png", samples_per_shard=16, workers=1,
                       limit=32, progress=False)
     tok = work / "tokenizer" / "step_00000001"
@@ -94,16 +98,19 @@ def prepare(work: Path, resolution: int) -> dict:
     return {"data": data, "tok": tok, "qwen": qwen}
 
 
-def train_cmd(config: str, out: Path, name: str, paths: dict, steps: int) -> list[str]:
-    sets = [f"data.urls=[{paths['data']}]", f"run.out_dir={out}", f"run.name={name}", "run.device=cpu",
+def overrides(out: Path, name: str, paths: dict, steps: int, save_every: int | None = None) -> list[str]:
+    return [f"data.urls=[{paths['data']}]", f"run.out_dir={out}", f"run.name={name}", "run.device=cpu",
             "run.init_from=null", f"t2i.tokenizer_ckpt={paths['tok']}", f"t2i.text_encoder.path={paths['qwen']}",
             "data.batch_size=1", "data.num_workers=0", "zero.offload_optimizer=true", "ema.enabled=false",
             "data.shuffle_window=16", f"run.max_steps={steps}",
-            f"run.save_every={steps - 1}", "run.keep_last=2", "run.log_every=1", "run.image_every=0",
+            f"run.save_every={steps - 1 if save_every is None else save_every}", "run.keep_last=2", "run.log_every=1", "run.image_every=0",
             "optim.warmup_steps=1", "t2i.sample_prompts=[]", "run.collective_timeout_s=3600"]
+
+
+def train_cmd(config: str, out: Path, name: str, paths: dict, steps: int, save_every: int | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "hart_train.cli", "run", "--config", config]
-    for s in sets:
+    for s in overrides(out, name, paths, steps, save_every):
         cmd += ["--set", s]
     return cmd
 
@@ -132,7 +139,23 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and "universal" not in f.parts)
 
 
-def measure(schedule: int, work: Path, steps: int, peak_flops: float) -> dict:
+def planned_vs_measured(config: str, sets: list[str], run_dir: Path) -> dict:
+    """`hart-train plan`'s prediction for the run (micro-batch 1, 2 ranks; on a CPU rank its host and
+    device terms are the same memory) next to the trainer's measured memory.json, where there is one."""
+    from hart_train import config as C
+    from hart_train.memory_plan import Planner
+    from hart_train.run_config import RunConfig
+
+    plan = Planner(C.load(RunConfig, str(REPO / config), sets), world_size=2).plan(1)
+    predicted = plan.total + sum(plan.host.values())
+    out = {"predicted_bytes_per_rank": predicted, "predicted": plan.to_dict()}
+    if (run_dir / "memory.json").exists():
+        measured = [r["peak_total"] for r in json.loads((run_dir / "memory.json").read_text())["per_rank"]]
+        out.update(measured_peak_total_bytes=measured, predicted_over_measured=[predicted / m for m in measured])
+    return out
+
+
+def measure(schedule: int, work: Path, steps: int, peak_flops: float, memory_only: bool = False) -> dict:
     from hart_train import config as C
     from hart_train.flops import sample_flops
     from hart_train.run_config import RunConfig
@@ -141,9 +164,18 @@ def measure(schedule: int, work: Path, steps: int, peak_flops: float) -> dict:
     paths = prepare(work, schedule)
     out = work / f"runs-{schedule}"
     shutil.rmtree(out, ignore_errors=True)
-    rc, text, wall = run(train_cmd(config, out, "a", paths, steps), work / f"run-{schedule}.log")
+    save_every = 0 if memory_only else None  # memory only: no save before the measured second step
+    rc, text, wall = run(train_cmd(config, out, "a", paths, steps, save_every), work / f"run-{schedule}.log")
     result: dict = {"config": config, "returncode": rc, "wall_s": wall}
     run_dir = out / "a"
+    result["memory"] = planned_vs_measured(config, overrides(out, "a", paths, steps, save_every), run_dir)
+    # both attention kernels timed at this run's shape by `run.attention: auto`, and the one it took
+    result["kernels"] = json.loads((run_dir / "kernels.json").read_text()) if (run_dir / "kernels.json").exists() else None
+    if memory_only:
+        result["memory_json"] = json.loads((run_dir / "memory.json").read_text()) if (run_dir / "memory.json").exists() else None
+        result["log_tail"] = text[-1500:]
+        shutil.rmtree(out, ignore_errors=True)
+        return result
     metrics = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     steps_rec = {r["step"]: r for r in records if "loss" in r}
@@ -206,13 +238,15 @@ def main() -> None:
     p.add_argument("--schedules", default="256,1024")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--work", default="/tmp/hart-fullsize")
+    p.add_argument("--memory-only", action="store_true",
+                   help="two steps, then the planner's prediction next to the measured memory (no resume/export)")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     peak = matmul_rate() * 2  # two ranks, one thread each
     report = {"environment": environment(), "matmul_bf16_flop_per_s_2_ranks": peak, "schedules": {}}
     for s in (int(x) for x in args.schedules.split(",")):
-        report["schedules"][s] = measure(s, work, args.steps, peak)
+        report["schedules"][s] = measure(s, work, 2 if args.memory_only else args.steps, peak, args.memory_only)
         print(json.dumps({s: {k: v for k, v in report["schedules"][s].items() if k not in ("failure",)}}, default=str),
               file=sys.stderr, flush=True)
     print(json.dumps(report, indent=1, default=str))

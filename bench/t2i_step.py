@@ -11,8 +11,8 @@ per-rank memory, and sampling latency with and without the KV cache. Prints one 
    with it disabled (`last_scale_min_keep = 4096`, the whole 9750-token sequence). The two kernels run
    interleaved on identically initialised models and identical random draws (one generator seed per
    step), so the sequence length is the same for both. The model routes all training attention through
-   `blocks.block_causal_attention`; the dense variant replaces that one name for the duration of its
-   step, as the test suite does, so the model code has no kernel flag. The dense mask is built once per
+   `models/kernels.block_causal`; each variant is registered there and selected for the duration of
+   its step. The dense mask is built once per
    layout and reused, like the released code's persistent `attn_bias_for_masking` buffer (the repo's
    `attention.dense_masked_attention` rebuilds it at every call, ~1 s more per call at L = 9750 here).
    Tokens/s counts the transformer sequence (text + image inputs after dropping) per step. The mask only
@@ -64,7 +64,7 @@ from _common import environment, free_port, load_average, log, summarize, time_i
 
 from hart_train import host_memory  # noqa: E402
 from hart_train.models import HARTForT2I, hart_config  # noqa: E402
-from hart_train.models import blocks as blocks_mod  # noqa: E402
+from hart_train.models import kernels  # noqa: E402
 from hart_train.models.attention import block_causal_attention, block_causal_mask  # noqa: E402
 from hart_train.models.hart_t2i import PATCH_NUMS_1024  # noqa: E402
 from hart_train.models.rope import image_positions, rope_1d, rope_2d  # noqa: E402
@@ -96,13 +96,15 @@ KERNELS = {"block_sparse": block_causal_attention, "dense_mask": dense_attention
 
 @contextlib.contextmanager
 def attention_kernel(name: str):
-    """Route the model's training attention through `KERNELS[name]` (the one name blocks.py calls)."""
-    saved = blocks_mod.block_causal_attention
-    blocks_mod.block_causal_attention = KERNELS[name]
+    """Route the model's training attention through `KERNELS[name]` (registered with models/kernels.py,
+    the one function blocks.py calls)."""
+    saved = kernels.active_attention()
+    kernels.ATTENTION[f"bench_{name}"] = KERNELS[name]
+    kernels.set_attention(f"bench_{name}")
     try:
         yield
     finally:
-        blocks_mod.block_causal_attention = saved
+        kernels.set_attention(saved)
 
 
 def allowed_fraction(seg_lens) -> float:

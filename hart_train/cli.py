@@ -4,6 +4,7 @@ and move weights between hart-train checkpoints and the official HART layout.
     hart-train run --config configs/tokenizer_vq_tiny.yaml --set run.max_steps=20 --set optim.lr=3e-4
     hart-train import --hart hart-0.7b-1024px/ --out imported/        # official -> run.init_from dirs
     hart-train export --ckpt runs/x/ckpt/step_00001000 --out mine/    # -> official llm/ + tokenizer/
+    hart-train plan --config configs/t2i_1024.yaml --gpus 8 --gpu-mem 80 --gpu H100   # memory per rank
 
 The same command resumes: re-running it continues from the newest complete checkpoint of the run.
 User errors (a bad config key or value, a missing path) print one line and exit 2 before any model or
@@ -42,7 +43,34 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="new or empty output directory: <out>/llm, <out>/tokenizer")
     exp.add_argument("--raw", dest="use_ema", action="store_false",
                      help="put the raw weights in ema_model.bin instead of the EMA")
+    pl = sub.add_parser("plan", help="memory per rank and the largest micro-batch that fits, before renting GPUs")
+    pl.add_argument("--config", required=True, help="YAML run file of a t2i stage")
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field (repeatable)")
+    pl.add_argument("--gpus", type=int, default=8, help="data-parallel ranks (default 8)")
+    pl.add_argument("--gpu-mem", type=float, default=None, metavar="GiB",
+                    help="memory of one GPU: also search the largest micro-batch that fits")
+    pl.add_argument("--gpu", default=None, help="GPU name for the step time (H100, H200, A100, L40S)")
+    pl.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    pl.add_argument("--json", action="store_true", help="print JSON")
     return p
+
+
+def _plan(args) -> int:
+    from hart_train import memory_plan as P
+
+    cfg = C.load(RunConfig, args.config, args.overrides)  # paths need not exist on the planning machine
+    planner = P.Planner(cfg, args.gpus)
+    gpu_mem = args.gpu_mem * P.GiB if args.gpu_mem is not None else None
+    best = planner.largest_micro_batch(gpu_mem) if gpu_mem is not None else None
+    plan = planner.plan(cfg.data.batch_size)
+    if args.gpu and P.peak_tflops(args.gpu) is None:
+        raise ValueError(f"--gpu {args.gpu!r}: unknown; known: {', '.join(P.GPU_PEAK_TFLOPS)}")
+    if args.json:
+        print(P.plan_json(plan, gpu_mem, best, args.gpu, args.mfu))
+    else:
+        print(P.format_plan(plan, gpu_mem, best, args.gpu, args.mfu, cfg.run.dtype))
+    return 0
 
 
 def load_run_config(path: str, overrides: list[str]) -> RunConfig:
@@ -69,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     try:
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "import":
             out = import_official(args.hart, args.out, text_encoder_path=args.text_encoder_path)
         else:

@@ -27,6 +27,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from hart_train.models import kernels
+
 # VAR's no-weight-decay names (VAR utils/lr_control.py); matched as substrings of the parameter name.
 NO_WD_NAMES = (
     "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
@@ -73,6 +75,8 @@ def deepspeed_config(cfg, load_universal: bool = False) -> dict:
         "allgather_bucket_size": zero.allgather_bucket_size,
         "stage3_param_persistence_threshold": zero.param_persistence_threshold,
         "stage3_prefetch_bucket_size": zero.reduce_bucket_size,
+        "stage3_max_live_parameters": zero.max_live_parameters,
+        "stage3_max_reuse_distance": zero.max_reuse_distance,
         "stage3_gather_16bit_weights_on_model_save": False,
     }
     if zero.offload_optimizer:
@@ -105,8 +109,7 @@ def build(cfg, model: nn.Module, ds_config: dict):
 
         optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                      fused=cfg.run.device == "cuda")
+        optimizer = kernels.adamw(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, device_type=cfg.run.device)
     total = cfg.run.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, o.warmup_steps, total, o.schedule, o.min_lr_ratio)

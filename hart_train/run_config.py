@@ -36,6 +36,8 @@ class RunSection:
     grad_accum: int = 1
     grad_clip: float = 2.0           # VAR's tclip
     activation_checkpointing: bool = False
+    # block-causal attention kernel (models/kernels.py): key_prefix, dense_mask, or auto (measured at start)
+    attention: Literal["auto", "key_prefix", "dense_mask"] = "key_prefix"
     num_threads: int = 0             # torch intra-op threads per rank; 0 keeps the launcher's setting
     keep_freed_host_memory: bool = True  # glibc malloc keeps freed memory: no page faults per step (host_memory)
     init_from: Optional[str] = None  # a previous stage's checkpoint dir (or an imported official one)
@@ -83,6 +85,10 @@ class ZeroSection:
     reduce_bucket_size: int = 5_000_000
     allgather_bucket_size: int = 5_000_000
     param_persistence_threshold: int = 0   # 0: every parameter is sharded under ZeRO-3
+    # ZeRO-3 keeps at most this many gathered parameter elements, and keeps one gathered when it is used
+    # again within this many elements of fetches (DeepSpeed's defaults; `hart-train plan` counts the first)
+    max_live_parameters: int = 1_000_000_000
+    max_reuse_distance: int = 1_000_000_000
 
     def __post_init__(self):
         if self.stage not in (0, 1, 2, 3):

@@ -38,6 +38,7 @@ from hart_train import host_memory
 from hart_train import zero_utils
 from hart_train.ema import EMA
 from hart_train.metrics import MetricsLogger, read_jsonl
+from hart_train.models import kernels
 from hart_train.run_config import RunConfig
 
 
@@ -206,6 +207,13 @@ def train(cfg: RunConfig, make_stage) -> TrainResult:
     root = os.path.join(run_dir, "ckpt")
     check_writable(run_dir)
     resume = _prepare_run_dir(cfg, run_dir, root)
+    problem = stage.attention_problem() if hasattr(stage, "attention_problem") else None
+    dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else torch.float32
+    chosen = kernels.configure(cfg.run.attention, problem, device, dtype, run_dir, D.broadcast_object, D.is_main(),
+                               optimizer_offloaded=cfg.zero.offload_optimizer)
+    if D.is_main():
+        print(f"kernels: attention {chosen['attention']} (run.attention={cfg.run.attention}), RMSNorm "
+              f"{chosen['rms_norm']}, optimizer {chosen['optimizer']}", flush=True)
 
     same_world = resume is None or ckpt.read_meta(resume)["world_size"] == D.world_size()
     ds_config = E.deepspeed_config(cfg, load_universal=not same_world and cfg.zero.stage > 0)
@@ -282,10 +290,24 @@ def _train_step(cfg, stage, engine, batches, step) -> tuple[dict, dict, int]:
     return terms, out, samples
 
 
-def _record_memory(engine, peak: host_memory.PeakMemory, run_dir: str) -> None:
-    """After the first step of a run: every rank's bytes by holder (`zero_utils.memory_breakdown`) and
-    the step's peak above what was held before it (activations and temporaries), in memory.json."""
-    mine = {**zero_utils.memory_breakdown(engine), "step_peak_above_static": peak.peak_bytes}
+def _tensor_bytes(tensors) -> int:
+    return zero_utils.storage_bytes(tensors, set())
+
+
+def _record_memory(engine, ema, stage, peaks: list, run_dir: str) -> None:
+    """After the first steps of a run: every rank's bytes by holder (`zero_utils.memory_breakdown`, the
+    EMA, the frozen modules of the stage) and each step's peak above what was held before it
+    (activations, gathered ZeRO-3 parameters, communication buckets and temporaries), in memory.json.
+    `peak_total` = holders + the steady step's peak (the second step: the first also allocates the
+    optimizer state), the figure `hart-train plan` predicts."""
+    mine = dict(zero_utils.memory_breakdown(engine))
+    mine["ema"] = _tensor_bytes(ema.shadow) if ema is not None else 0
+    mine["frozen"] = _tensor_bytes(t for m in stage.frozen_modules(engine.module) for t in (*m.parameters(), *m.buffers()))
+    mine["first_step_peak_above_static"] = peaks[0]
+    mine["step_peak_above_static"] = peaks[-1]
+    mine["peak_total"] = None if peaks[-1] is None else sum(
+        mine[k] for k in ("parameters", "master_weights", "optimizer_state", "gradients", "ema", "frozen")
+    ) + peaks[-1]
     per_rank = D.all_gather_object(mine)
     if D.is_main():
         with open(os.path.join(run_dir, "memory.json"), "w") as f:
@@ -297,14 +319,17 @@ def _loop(cfg, stage, engine, ema, reader, logger, device, run_dir, root, step) 
     batches = iter(reader)
     last_ckpt, window, t0 = None, {}, time.perf_counter()
     samples_in_window = 0
-    first = step
+    peaks: list = []  # peak memory of the first two steps (memory.json)
     while step < cfg.run.max_steps:
-        with host_memory.PeakMemory(device) if step == first else contextlib.nullcontext() as peak:
+        measure = len(peaks) < 2
+        with host_memory.PeakMemory(device) if measure else contextlib.nullcontext() as peak:
             terms, out, samples = _train_step(cfg, stage, engine, batches, step)
         samples_in_window += samples
-        if step == first:
-            _record_memory(engine, peak, run_dir)
         step += 1
+        if measure:
+            peaks.append(peak.peak_bytes)
+            if len(peaks) == 2 or step == cfg.run.max_steps:
+                _record_memory(engine, ema, stage, peaks, run_dir)
         if ema is not None:
             ema.update()
         stage.after_step(engine.module, out, step)

@@ -201,7 +201,8 @@ def set_full_param(param: nn.Parameter, value: torch.Tensor, reset_rows: torch.T
                 safe_set_full_optimizer_state(param, state, key)
 
 
-def _storage_bytes(tensors, seen: set) -> int:
+def storage_bytes(tensors, seen: set) -> int:
+    """Bytes of the storages behind `tensors`, each storage once (`seen` holds the data pointers counted)."""
     total = 0
     for t in tensors:
         if t is None or not torch.is_tensor(t) or t.numel() == 0:
@@ -220,12 +221,14 @@ def memory_breakdown(engine) -> dict[str, int]:
     gradients (ZeRO-3's flat fp32 gradient partitions, or the masters' .grad)."""
     seen: set = set()
     module = engine.module
-    params = _storage_bytes((getattr(p, "ds_tensor", p) for p in module.parameters()), seen)
+    # ZeRO-3: the partition, and the full tensor where one is held (persistent small parameters; others
+    # are released to an empty tensor between uses)
+    params = storage_bytes((t for p in module.parameters() for t in (getattr(p, "ds_tensor", None), p.data)), seen)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     masters = [p for g in inner.param_groups for p in g["params"]]
     # ZeRO-3 keeps its fp32 partitions here (the inner optimizer may hold placeholders, e.g. with offload)
-    master_bytes = _storage_bytes(list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])) + masters, seen)
-    state = _storage_bytes((v for st in inner.state.values() for v in st.values()), seen)
-    grads = _storage_bytes([getattr(engine.optimizer, "grad_partitions_flat_buffer", None)]
+    master_bytes = storage_bytes(list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])) + masters, seen)
+    state = storage_bytes((v for st in inner.state.values() for v in st.values()), seen)
+    grads = storage_bytes([getattr(engine.optimizer, "grad_partitions_flat_buffer", None)]
                            + [p.grad for p in masters], seen)
     return {"parameters": params, "master_weights": master_bytes, "optimizer_state": state, "gradients": grads}

@@ -10,7 +10,7 @@ import torch
 
 from hart_train.models import HARTConfig, HARTForT2I, KVCache, hart_config, load_official_state_dict, official_state_dict
 from hart_train.models import attention as attention_mod
-from hart_train.models import blocks as blocks_mod
+from hart_train.models import kernels
 from hart_train.models.hart_t2i import (TrainDraws, filter_top_k_top_p, sample_top_k_top_p, top_k_candidates,
                                        truncnorm_sample)
 from hart_train.models.rope import apply_rope, image_positions, rope_1d, rope_2d
@@ -219,7 +219,7 @@ def test_model_with_dropped_tokens_equals_dense_reference(monkeypatch):
     h.sum().backward()
     g_sparse = [p.grad.clone() for p in m.parameters() if p.grad is not None]
     m.zero_grad()
-    monkeypatch.setattr(blocks_mod, "block_causal_attention", attention_mod.dense_masked_attention)
+    monkeypatch.setitem(kernels._active, "attention", "dense_mask")
     logits_ref, h_ref, _ = m.forward_logits(*args)
     h_ref.sum().backward()
     g_dense = [p.grad.clone() for p in m.parameters() if p.grad is not None]

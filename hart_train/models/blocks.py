@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import block_causal_attention
+from . import kernels
 from .rope import apply_rope
 
 
@@ -36,10 +36,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(in_dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -150,7 +147,7 @@ class SelfAttention(nn.Module):
             k, v = cache.extend(k, v)
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         else:
-            out = block_causal_attention(q, k, v, seg_lens, self.scale)
+            out = kernels.block_causal(q, k, v, seg_lens, self.scale)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 

@@ -35,6 +35,7 @@ from data_tools.text_encoder import TextEncoder
 from hart_train import distributed as D
 from hart_train import zero_utils
 from hart_train.models import HARTForT2I
+from hart_train.flops import expected_kept_last
 from hart_train.models.hart_t2i import REGENERABLE_BUFFERS, check_regenerable_buffers
 from hart_train.sampling import sample_images
 
@@ -98,6 +99,19 @@ class T2IStage:
         return {"context": context, "context_mask": mask, "x_BLCv_wo_first_l": x_wo_first,
                 "gt_idx": idx_Bl, "f_rest_last": f_rest, "codebook": self.tokenizer.quantize.codebook(),
                 "context_position_ids": pos, "generator": self.generator}
+
+    def attention_problem(self) -> dict:
+        """The training attention's shape for `run.attention: auto` to time kernels at: the micro-batch,
+        heads, head dim, and the scale segments with the expected number of kept last-scale tokens."""
+        mc = self.stage_cfg.model
+        hd = mc.embed_dim // mc.num_heads
+        seg = [mc.context_token] + [p * p for p in mc.patch_nums[1:-1]] + [round(expected_kept_last(mc))]
+        return {"batch": self.cfg.data.batch_size, "heads": mc.num_heads, "head_dim": hd, "seg_lens": seg,
+                "scale": 0.25 / hd ** 0.5}
+
+    def frozen_modules(self, module: nn.Module) -> list[nn.Module]:
+        """What this rank holds besides the trained model: the tokenizer, and the text encoder once loaded."""
+        return [self.tokenizer] + ([self._text_encoder.model] if self._text_encoder is not None else [])
 
     @staticmethod
     def batch_size(batch: dict) -> int:

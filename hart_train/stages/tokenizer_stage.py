@@ -129,6 +129,12 @@ class TokenizerStage:
         return {"image": to_unit_range(batch["image"].to(self.device)), "step": step, "generator": self.generator}
 
     @staticmethod
+    def frozen_modules(module: nn.Module) -> list[nn.Module]:
+        """What this rank holds besides the trained model: the perceptual loss's frozen network."""
+        perceptual = module._criterion[0].perceptual
+        return [perceptual] if perceptual is not None else []
+
+    @staticmethod
     def batch_size(batch: dict) -> int:
         return int(batch["image"].shape[0])
 
