@@ -195,7 +195,8 @@ def measure(schedule: int, work: Path, steps: int, peak_flops: float, memory_onl
     s_per_step = statistics.median(step_times)
     model_flops = fl.train_step_flops * world * batch / s_per_step
     hw_flops = fl.hardware_flops(cfg.run.activation_checkpointing) * world * batch / s_per_step
-    saves = [float(x) for x in re.findall(r"saved checkpoint .* \(([\d.]+) s\)", text)]
+    saves = [float(x) for x in re.findall(r"saved checkpoint .* \(([\d.]+) s,", text)]
+    fsyncs = [float(x) for x in re.findall(r"saved checkpoint .* of which fsync ([\d.]+) s\)", text)]
     last = run_dir / "ckpt" / f"step_{steps:08d}"
     result.update(
         s_per_step=s_per_step, step_times_s=step_times, tokens_per_sample=fl.tokens,
@@ -206,7 +207,7 @@ def measure(schedule: int, work: Path, steps: int, peak_flops: float, memory_onl
         peak_rss_mb_rank0=steps_rec[max(steps_rec)]["memory_mb"],
         memory_by_holder=json.loads((run_dir / "memory.json").read_text())["per_rank"],
         param_shards=json.loads((run_dir / "param_shards.json").read_text()),
-        checkpoint_bytes=_dir_bytes(last), checkpoint_save_s=saves,
+        checkpoint_bytes=_dir_bytes(last), checkpoint_save_s=saves, checkpoint_fsync_s=fsyncs,
     )
     # resume: the same command from the checkpoint before the last must reproduce the last step
     again = out / "b"

@@ -14,7 +14,15 @@
 Resume takes the newest directory with `COMPLETE`. Directories without it are partial (a crash or a
 kill during the save) and are deleted at the next start; the previous complete one is untouched,
 because every save goes to a new directory and pruning (keep the last K) happens only after
-`COMPLETE`. Everything is read back with `weights_only=True` or safetensors: no arbitrary unpickling.
+`COMPLETE`. Durable: every rank fsyncs the files and directories of the checkpoint once its own writes
+are done, all ranks meet at a barrier, and only then rank 0 writes `COMPLETE` and fsyncs it and the
+directory, so after a power loss or a node crash a marker never vouches for data that did not reach the
+disk.
+
+Trust: a run directory must be trusted like code. Resuming reads DeepSpeed's own files with DeepSpeed's
+`load_checkpoint` (and a world-size change converts them with `ds_to_universal`), both of which unpickle.
+What this project reads itself uses safetensors or `torch.load(weights_only=True)`, and everything
+foreign (`run.init_from`, `hart-train import`) is read only that way.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from hart_train import distributed as D
 
 CKPT_SCHEMA = 1
+last_sync_s = 0.0  # this rank's fsync seconds in the last save (the trainer logs it)
 COMPLETE = "COMPLETE"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -105,14 +114,42 @@ def save(engine, root: str, step: int, meta: dict, reader_state: dict, rng_state
             f.write(config_yaml)
         _write_json(os.path.join(path, "meta.json"), {**meta, "schema": CKPT_SCHEMA, "step": step,
                                                        "world_size": D.world_size()})
+    t_sync = time.perf_counter()
+    sync_tree(path)  # every rank, after its own writes: what COMPLETE vouches for is on disk
+    global last_sync_s
+    last_sync_s = time.perf_counter() - t_sync
     D.barrier()
     _fault_hold(step)
     if D.is_main():
         with open(os.path.join(path, COMPLETE), "w") as f:
             f.write(f"{step}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_path(path)
         prune(root, keep_last)
     D.barrier()
     return path
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(path: str) -> None:
+    """fsync every file under `path`, then every directory bottom-up, then `path`'s parent (its entry).
+    Each rank calls it once its own files are written, so every file is flushed by its writer after the
+    last write (a file another rank is still writing is flushed again by that rank); files already on
+    disk cost a no-op. Without it, after a power loss or a node crash the page cache could take files
+    with it while the COMPLETE marker, written later, survived."""
+    for top, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            _fsync_path(os.path.join(top, name))
+        _fsync_path(top)
+    _fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
 def _fault_hold(step: int) -> None:
@@ -125,21 +162,66 @@ def _fault_hold(step: int) -> None:
             time.sleep(float(seconds))
 
 
+def _conversion_failure(path: str) -> str:
+    return os.path.join(path, "universal.FAILED")
+
+
+def clear_conversion_failure(path: str) -> None:
+    if os.path.exists(_conversion_failure(path)):
+        os.remove(_conversion_failure(path))
+
+
+def universal_workers() -> int:
+    """Worker processes for each phase of DeepSpeed's conversion: one per core, at most 8 (each extract
+    worker holds one rank's optimizer file in memory)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def ensure_universal(path: str) -> str:
-    """Convert a ZeRO checkpoint to DeepSpeed's universal format (rank 0; cached in `path/universal`)."""
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (rank 0; cached in `path/universal`,
+    finished when `universal/DONE` exists). A failure is written to `universal.FAILED` for the waiting
+    ranks, then raised."""
     out = os.path.join(path, "universal")
     if os.path.exists(os.path.join(out, "DONE")):
         return out
     shutil.rmtree(out, ignore_errors=True)
+    _fault_slow_conversion()
+    workers = str(universal_workers())
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", path,
-           "--output_folder", out, "--num_extract_workers", "1", "--num_merge_workers", "1",
+           "--output_folder", out, "--num_extract_workers", workers, "--num_merge_workers", workers,
            "--inject_missing_state"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"universal checkpoint conversion of {path} failed:\n{proc.stderr[-4000:]}")
+        message = f"universal checkpoint conversion of {path} failed:\n{proc.stderr[-4000:]}"
+        with open(_conversion_failure(path), "w") as f:
+            f.write(message)
+        raise RuntimeError(message)
+    sync_tree(out)
     with open(os.path.join(out, "DONE"), "w") as f:
         f.write("ok\n")
     return out
+
+
+def wait_for_universal(path: str, timeout_s: float, poll_s: float = 0.5) -> str:
+    """The other ranks' side of `ensure_universal`: wait for DONE, or fail with rank 0's failure."""
+    out = os.path.join(path, "universal")
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(os.path.join(out, "DONE")):
+        if os.path.exists(_conversion_failure(path)):
+            with open(_conversion_failure(path)) as f:
+                raise RuntimeError(f"rank 0 could not convert the checkpoint: {f.read()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the universal conversion of {path} did not finish within "
+                               f"run.universal_timeout_s={timeout_s:g} s")
+        time.sleep(poll_s)
+    return out
+
+
+def _fault_slow_conversion() -> None:
+    """Fault injection for tests: HART_FAULT_SLOW_UNIVERSAL=SECONDS delays the conversion."""
+    seconds = os.environ.get("HART_FAULT_SLOW_UNIVERSAL")
+    if seconds:
+        time.sleep(float(seconds))
 
 
 def load_rank_files(path: str, rank: int) -> tuple[dict | None, dict | None]:

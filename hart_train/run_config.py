@@ -31,6 +31,7 @@ class RunSection:
     eval_every: int = 0              # 0: only at the end
     image_every: int = 0             # 0: only at the end
     collective_timeout_s: float = 600.0
+    universal_timeout_s: float = 14400.0  # how long ranks wait for rank 0's world-size conversion
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_accum: int = 1
@@ -51,6 +52,8 @@ class RunSection:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
         if self.collective_timeout_s <= 0:
             raise ValueError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
+        if self.universal_timeout_s <= 0:
+            raise ValueError(f"universal_timeout_s must be > 0, got {self.universal_timeout_s}")
         if self.dtype == "fp16":
             raise ValueError("dtype: fp16 is not supported (its loss scaling is untested here and HART trains in "
                              "bf16); use bf16 on GPUs with bf16 support (A100, H100, ...) or fp32")

@@ -80,8 +80,9 @@ def _restore_rng(stage, state: dict | None, cfg: RunConfig, step: int) -> None:
 
 
 def _prepare_run_dir(cfg: RunConfig, run_dir: str, root: str) -> str | None:
-    """Rank 0: clean partial checkpoints, save the resolved config. All: agree on the resume point."""
-    resume = None
+    """Rank 0: clean partial checkpoints, save the resolved config. All: agree on the resume point, and
+    convert it to a universal checkpoint first where the world size changed."""
+    resume, convert = None, False
     if D.is_main():
         os.makedirs(root, exist_ok=True)
         for path in ckpt.remove_partial(root):
@@ -91,12 +92,29 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: str, root: str) -> str | None:
         resume = ckpt.latest_complete(root)
         if resume is not None:
             meta = ckpt.read_meta(resume)
-            if meta["world_size"] != D.world_size() and cfg.zero.stage > 0:
+            convert = meta["world_size"] != D.world_size() and cfg.zero.stage > 0
+            if convert:
                 print(f"resuming {resume} on {D.world_size()} ranks (saved on {meta['world_size']}): "
                       "converting to a universal checkpoint", flush=True)
-                ckpt.ensure_universal(resume)
+                ckpt.clear_conversion_failure(resume)  # before anyone looks for it
             _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), meta["step"])
-    return D.broadcast_object(resume)
+    resume, convert = D.broadcast_object((resume, convert))
+    if convert:
+        _convert_to_universal(cfg, resume)
+    return resume
+
+
+def _convert_to_universal(cfg: RunConfig, resume: str) -> None:
+    """Rank 0 runs DeepSpeed's conversion; the other ranks wait for its DONE (or failure) marker in the
+    checkpoint directory, bounded by `run.universal_timeout_s`, not by a collective: for the 0.7B model
+    the conversion can take longer than `run.collective_timeout_s`, which would end the waiting ranks."""
+    if D.is_main():
+        t0 = time.perf_counter()
+        ckpt.ensure_universal(resume)
+        print(f"converted {resume} to a universal checkpoint ({time.perf_counter() - t0:.1f} s)", flush=True)
+    else:
+        ckpt.wait_for_universal(resume, cfg.run.universal_timeout_s)
+    D.barrier()
 
 
 def _truncate_metrics(path: str, step: int) -> None:
@@ -351,7 +369,8 @@ def _loop(cfg, stage, engine, ema, reader, logger, device, run_dir, root, step) 
             t_save = time.perf_counter()
             last_ckpt = _save(cfg, stage, engine, ema, reader, root, step, device)
             if D.is_main():
-                print(f"saved checkpoint {last_ckpt} ({time.perf_counter() - t_save:.1f} s)", flush=True)
+                print(f"saved checkpoint {last_ckpt} ({time.perf_counter() - t_save:.1f} s, of which fsync "
+                      f"{ckpt.last_sync_s:.2f} s)", flush=True)
         if stop:
             if D.is_main():
                 print(f"preempted: saved at step {step}, exiting", flush=True)

@@ -210,3 +210,42 @@ def test_s3_server_restart_mid_epoch(emoji_dataset, tokenizer_reference, s3_serv
         endpoint.__exit__()
         server.terminate()
     assert_same_losses(tmp_path / "restart", tokenizer_reference)
+
+
+FSYNC_HOOK = '''
+import os
+_log = os.environ.get("HART_TEST_FSYNC_LOG")
+if _log:
+    _fsync = os.fsync
+
+    def fsync(fd):
+        _fsync(fd)
+        with open(_log, "a") as f:  # O_APPEND: whole lines, in the order the ranks made the calls
+            f.write(os.readlink(f"/proc/self/fd/{fd}") + "\\n")
+
+    os.fsync = fsync
+'''
+
+
+def test_complete_is_written_only_after_every_file_and_directory_is_on_disk(emoji_dataset, tmp_path, monkeypatch):
+    """Durable checkpoints: each rank's files and the directories are fsynced before COMPLETE, which is
+    fsynced itself, and the step directory after it. A power loss cannot be staged here, so the test
+    records every fsync of the real 2-rank run (a sitecustomize wraps os.fsync in each rank)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FSYNC_HOOK)
+    log = tmp_path / "fsync.log"
+    monkeypatch.setenv("PYTHONPATH", f"{hook}:{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("HART_TEST_FSYNC_LOG", str(log))
+    check(run_train(TOKENIZER_CONFIG, tokenizer_overrides(emoji_dataset, tmp_path, "d", "run.max_steps=4",
+                                                          "run.save_every=2")))
+    synced = log.read_text().splitlines()
+    for step in (2, 4):
+        ckpt = (tmp_path / "d" / "ckpt" / f"step_{step:08d}").resolve()
+        complete = synced.index(str(ckpt / "COMPLETE"))
+        before = set(synced[:complete])
+        files = {str(p) for p in ckpt.rglob("*") if p.is_file() and p.name != "COMPLETE"}
+        dirs = {str(p) for p in ckpt.rglob("*") if p.is_dir()} | {str(ckpt), str(ckpt.parent)}
+        assert len(files) >= 8 and files <= before, sorted(files - before)
+        assert dirs <= before, sorted(dirs - before)
+        assert str(ckpt) in synced[complete + 1:]  # the marker's directory entry, after the marker

@@ -65,6 +65,18 @@ def test_two_rank_checkpoint_resumes_on_one_rank(reference, emoji_dataset, tmp_p
     assert [seg["ranks"] for seg in state["segments"]] == [2, 1]  # the epoch was re-planned for 1 rank
 
 
+def test_a_conversion_slower_than_the_collective_timeout_still_resumes(emoji_dataset, tmp_path, monkeypatch):
+    """1 -> 2 ranks with the universal conversion held back 20 s and collectives bounded by 8 s: the
+    waiting rank waits on the conversion's marker (run.universal_timeout_s), not in a collective."""
+    check(run_train(CONFIG, overrides(emoji_dataset, tmp_path, "grow", "run.max_steps=4"), nproc=1))
+    monkeypatch.setenv("HART_FAULT_SLOW_UNIVERSAL", "20")
+    result = run_train(CONFIG, overrides(emoji_dataset, tmp_path, "grow", "run.max_steps=6",
+                                         "run.collective_timeout_s=8"), nproc=2)
+    check(result)
+    assert "converted" in result.stdout and (tmp_path / "grow" / "ckpt" / "step_00000004" / "universal" / "DONE").exists()
+    assert sorted(losses(tmp_path / "grow")) == list(range(1, 7))
+
+
 def test_hybrid_stage_freezes_encoder_and_trains_decoder(reference, emoji_dataset, tmp_path):
     init = reference / "ckpt" / "step_00000012"
     args = overrides(emoji_dataset, tmp_path, "hybrid", f"run.init_from={init}", "tokenizer.loss.disc_start_step=100")
