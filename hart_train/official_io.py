@@ -6,6 +6,8 @@
     llm/ema_model.bin      EMA weights + buffers         llm/ema.safetensors    EMA of the parameters (an overlay)
     tokenizer/config.json  HARTAutoEncoderConfig         tokenizer/config.yaml  stage: tokenizer-hybrid, tokenizer: {model}
     tokenizer/model.safetensors  vae.* + disc.*          tokenizer/model.safetensors  the same tensors
+                                 (vae.* only when exported from a tokenizer whose discriminator is not
+                                 the released ndf 64 / 3 layers, which the official class always builds)
 
 `import_official` maps the first column to the second, `export_checkpoint` the second to the first; a round
 trip in either direction gives bit-identical tensors and identical config values.
@@ -43,6 +45,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -87,6 +90,8 @@ _TOK_QUANTIZERS = ("var", "var_hybrid")  # the same weights; the hybrid one is w
 _TOK_IGNORED = dict(quantizer_type="var_hybrid", hybrid=True, test_mode=False, levels=[8, 8, 8, 6, 5],
                     freeze_codebook_for_hybrid=True)
 _TOK_FROM_WEIGHTS = ("disc_ndf", "disc_n_layers")
+# the discriminator the official HARTAutoEncoderWithDisc always builds (and from_pretrained loads into)
+RELEASED_DISC = dict(disc_ndf=64, disc_n_layers=3)
 
 # transformers' own keys in a config.json (PretrainedConfig base attributes, 4.x and 5.x)
 _HF_KEYS = frozenset((
@@ -174,9 +179,13 @@ def _tokenizer_shapes(cfg: TokenizerConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _disc_shape(state: dict[str, torch.Tensor], what: str) -> dict:
+def _disc_shape(state: dict[str, torch.Tensor]) -> dict:
+    """The discriminator shape of tokenizer weights; the released one where they hold none (an export of a
+    tokenizer trained with another discriminator keeps only the VAE)."""
+    if not any(k.startswith("disc.") for k in state):
+        return dict(RELEASED_DISC)
     if "disc.main.0.weight" not in state:
-        raise ValueError(f"{what} does not match the model: missing: disc.main.0.weight (no discriminator weights)")
+        raise ValueError("the tokenizer weights do not match the model: missing: disc.main.0.weight")
     num_norms = sum(1 for k in state if k.startswith("disc.main.") and k.endswith(".running_mean"))
     return dict(disc_ndf=int(state["disc.main.0.weight"].shape[0]), disc_n_layers=num_norms)
 
@@ -292,8 +301,11 @@ def _import_tokenizer(hart_dir: Path, out: Path) -> TokenizerConfig:
     src = hart_dir / "tokenizer"
     official = _read_json(src / "config.json")
     state = _official_weights(src)
-    cfg = tokenizer_config_from_official(official, _disc_shape(state, f"{src} weights"), f"{src / 'config.json'}")
-    check_tensors(f"{src} weights", state, _tokenizer_shapes(cfg))
+    cfg = tokenizer_config_from_official(official, _disc_shape(state), f"{src / 'config.json'}")
+    shapes = _tokenizer_shapes(cfg)
+    if not any(k.startswith("disc.") for k in state):  # a VAE-only export: the VAE is checked strictly
+        shapes = {k: v for k, v in shapes.items() if k.startswith("vae.")}
+    check_tensors(f"{src} weights", state, shapes)
     out.mkdir()
     _save_safetensors(state, out / "model.safetensors")
     _write_yaml(out / "config.yaml", {"stage": "tokenizer-hybrid", "tokenizer": {"model": cfg}})
@@ -363,9 +375,21 @@ def _read_t2i_checkpoint(ckpt_dir: Path) -> tuple[HARTConfig, Path]:
 
 
 def _export_tokenizer(tokenizer_ckpt: Path, out: Path) -> TokenizerConfig:
+    """The tokenizer in the official layout. A discriminator of another shape than the released one is left
+    out (said on stderr): the official class always builds the released one, so `from_pretrained` would
+    refuse the file for its size mismatch, and official inference uses only the VAE."""
     cfg = tokenizer_checkpoint_config(str(tokenizer_ckpt))
     state = load_tensors(tokenizer_ckpt / "model.safetensors")
-    check_tensors(f"{tokenizer_ckpt / 'model.safetensors'}", state, _tokenizer_shapes(cfg))
+    shapes = _tokenizer_shapes(cfg)
+    if not any(k.startswith("disc.") for k in state):  # itself imported from a VAE-only export
+        shapes = {k: v for k, v in shapes.items() if k.startswith("vae.")}
+    check_tensors(f"{tokenizer_ckpt / 'model.safetensors'}", state, shapes)
+    disc = {k: getattr(cfg, k) for k in RELEASED_DISC}
+    if disc != RELEASED_DISC and any(k.startswith("disc.") for k in state):
+        state = {k: v for k, v in state.items() if not k.startswith("disc.")}
+        print(f"hart-train export: tokenizer/ holds the VAE only; its discriminator (ndf {cfg.disc_ndf}, "
+              f"{cfg.disc_n_layers} layers) was left out: the official HARTAutoEncoderWithDisc builds ndf 64, "
+              "3 layers, and official inference uses only the VAE", file=sys.stderr)
     out.mkdir()
     _write_json(out / "config.json", tokenizer_config_to_official(cfg))
     _save_safetensors(state, out / "model.safetensors")

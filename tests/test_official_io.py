@@ -166,7 +166,8 @@ def test_import_export_round_trip_is_bit_exact(official, tmp_path):
 
     assert_same(load_file(str(exported / "llm" / "model.safetensors")), raw)
     assert_same(torch.load(exported / "llm" / "ema_model.bin", weights_only=True), ema)
-    assert_same(load_file(str(exported / "tokenizer" / "model.safetensors")), tok)
+    # the tiny tokenizer's discriminator (ndf 8, 2 layers) is not the released one: the VAE only goes out
+    assert_same(load_file(str(exported / "tokenizer" / "model.safetensors")), vae_only(tok))
     for name, original in (("llm", OFFICIAL_LLM), ("tokenizer", OFFICIAL_TOKENIZER)):
         written = json.loads((exported / name / "config.json").read_text())
         for key, value in original.items():
@@ -174,16 +175,47 @@ def test_import_export_round_trip_is_bit_exact(official, tmp_path):
                 assert written[key] == value, (name, key)
 
     again = import_official(exported, tmp_path / "again")  # export -> import gives the same checkpoint
-    for name in ("llm/model.safetensors", "llm/ema.safetensors", "tokenizer/model.safetensors"):
+    for name in ("llm/model.safetensors", "llm/ema.safetensors"):
         assert_same(load_file(str(again / name)), load_file(str(imported / name)))
+    assert_same(load_file(str(again / "tokenizer/model.safetensors")), vae_only(tok))
     first, second = read_yaml(imported / "llm" / "config.yaml"), read_yaml(again / "llm" / "config.yaml")
     assert first["t2i"]["model"] == second["t2i"]["model"]
-    assert read_yaml(imported / "tokenizer" / "config.yaml") == read_yaml(again / "tokenizer" / "config.yaml")
+    vae_fields = lambda d: {k: v for k, v in d["tokenizer"]["model"].items() if not k.startswith("disc_")}  # noqa: E731
+    assert vae_fields(read_yaml(imported / "tokenizer" / "config.yaml")) == vae_fields(read_yaml(again / "tokenizer" / "config.yaml"))
+    # and a VAE-only tokenizer exports again as it is
+    third = export_checkpoint(again / "llm", tmp_path / "third")
+    assert_same(load_file(str(third / "tokenizer" / "model.safetensors")), vae_only(tok))
 
 
-def _native_checkpoint(root: Path, *, ema_keys_prefix: str | None = "diffloss.") -> tuple[Path, HARTConfig]:
+def vae_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k.startswith("vae.")}
+
+
+@pytest.mark.parametrize("disc", [dict(disc_ndf=16, disc_n_layers=2), dict(disc_ndf=64, disc_n_layers=3)])
+def test_export_gives_a_tokenizer_the_official_class_loads(disc, tmp_path):
+    """The official HARTAutoEncoderWithDisc always builds the released discriminator (ndf 64, 3 layers):
+    the demo's tokenizer (ndf 16, 2 layers) is exported as its VAE alone, exactly the official key set and
+    shapes of that VAE, which the official class loads with only the discriminator missing (what
+    from_pretrained tolerates); a tokenizer with the released discriminator keeps it."""
+    tok_cfg = tokenizer_config("tiny", **disc)
+    step, _ = _native_checkpoint(tmp_path, tok_cfg=tok_cfg)
+    exported = load_file(str(export_checkpoint(step, tmp_path / "exported") / "tokenizer" / "model.safetensors"))
+    with torch.device("meta"):
+        official = HARTAutoEncoderWithDisc(tokenizer_config("tiny", disc_ndf=64, disc_n_layers=3))
+    expected = {k: tuple(v.shape) for k, v in official.state_dict().items()}
+    released = disc["disc_ndf"] == 64
+    if not released:
+        expected = {k: v for k, v in expected.items() if k.startswith("vae.")}
+    assert {k: tuple(v.shape) for k, v in exported.items()} == expected
+    missing, unexpected = official.load_state_dict(exported, strict=False, assign=True)  # raises on a size mismatch
+    # (BatchNorm fills in a missing num_batches_tracked itself, so it is never reported missing)
+    official_disc = sorted(k for k in official.state_dict() if k.startswith("disc.") and "num_batches" not in k)
+    assert not unexpected and sorted(missing) == ([] if released else official_disc)
+
+
+def _native_checkpoint(root: Path, *, ema_keys_prefix: str | None = "diffloss.", tok_cfg=None) -> tuple[Path, HARTConfig]:
     """A t2i checkpoint as a run writes it, with non-default values in fields the official config lacks."""
-    tok_cfg = tokenizer_config("tiny", skip_continuous_prob=0.3)
+    tok_cfg = tok_cfg or tokenizer_config("tiny", skip_continuous_prob=0.3)
     cfg = hart_config("tiny", diff_weight=0.5, cond_drop_randn=False, cfg_last_reuses_ratio=False, train_top_k=7,
                       use_context_norm=False, sep_aln_pooling_mode="avg", attn_l2_norm=True, num_heads=2)
     torch.manual_seed(3)
@@ -223,9 +255,11 @@ def test_export_import_round_trip_from_a_run_checkpoint(tmp_path):
     back_ema = load_file(str(back / "llm" / "ema.safetensors"))
     assert all(torch.equal(back_ema[k], overlay.get(k, ours[k])) for k in back_ema)
     assert HARTConfig(**read_yaml(back / "llm" / "config.yaml")["t2i"]["model"]) == cfg
-    assert tokenizer_checkpoint_config(str(back / "tokenizer")) == tokenizer_config("tiny", skip_continuous_prob=0.3)
+    # the VAE came back; the tiny discriminator (not the released shape) was left out of the export
+    assert tokenizer_checkpoint_config(str(back / "tokenizer")) == tokenizer_config(
+        "tiny", skip_continuous_prob=0.3, disc_ndf=64, disc_n_layers=3)
     assert_same(load_file(str(back / "tokenizer" / "model.safetensors")),
-                load_file(str(tmp_path / "tok" / "model.safetensors")))
+                vae_only(load_file(str(tmp_path / "tok" / "model.safetensors"))))
 
 
 def test_export_raw_weights_and_missing_ema(tmp_path):
