@@ -10,7 +10,7 @@ kernel zero-fill per 4 KiB page. `bench/t2i_step.py --depth 2 --host-malloc defa
 PyTorch's CPU performance guide gives the same advice in the form of jemalloc or tcmalloc; this needs
 no preloaded library. The price is that the process keeps its peak host memory until it exits.
 
-Set once, early, by the trainer (`run.keep_freed_host_memory`, on by default) and by the step
+Set once, early, by the trainer (`run.keep_freed_host_memory`, by default on CPU runs only) and by the step
 benchmark. DataLoader workers forked later inherit it. No effect (and `False`) off glibc.
 """
 

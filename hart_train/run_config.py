@@ -40,7 +40,8 @@ class RunSection:
     # block-causal attention kernel (models/kernels.py): key_prefix, dense_mask, or auto (measured at start)
     attention: Literal["auto", "key_prefix", "dense_mask"] = "key_prefix"
     num_threads: int = 0             # torch intra-op threads per rank; 0 keeps the launcher's setting
-    keep_freed_host_memory: bool = True  # glibc malloc keeps freed memory: no page faults per step (host_memory)
+    # glibc malloc keeps freed memory: no page faults per step on CPU (host_memory); null: on for CPU runs only
+    keep_freed_host_memory: Optional[bool] = None
     init_from: Optional[str] = None  # a previous stage's checkpoint dir (or an imported official one)
 
     def __post_init__(self):
@@ -173,3 +174,10 @@ class RunConfig:
     wandb: WandbSection = field(default_factory=WandbSection)
     tokenizer: TokenizerStageConfig = field(default_factory=TokenizerStageConfig)
     t2i: T2IStageConfig = field(default_factory=T2IStageConfig)
+
+    def __post_init__(self):
+        if self.run.activation_checkpointing and self.stage != "t2i":
+            raise ValueError(f"run.activation_checkpointing: the {self.stage} stage does not checkpoint activations "
+                             "(only the t2i transformer does); set it false")
+        if self.run.attention != "key_prefix" and self.stage != "t2i":
+            raise ValueError(f"run.attention: the {self.stage} stage has no block-causal attention; leave it key_prefix")

@@ -10,6 +10,7 @@ linear ramp t = cfg*si/(S-1) and "(1+t)cond - t*uncond", top-k / top-p per scale
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,9 @@ def load_pipeline(ckpt_dir: str, use_ema: bool = True, device: str = "cpu") -> P
     ema_path = os.path.join(ckpt_dir, "ema.safetensors")
     if use_ema and os.path.exists(ema_path):
         state.update(load_file(ema_path))  # EMA covers the trainable parameters; frozen ones are in model
+    elif use_ema:
+        print(f"hart-sample: {ckpt_dir} has no ema.safetensors (a run without EMA): sampling the raw weights",
+              file=sys.stderr)
     load_official_state_dict(model, state, strict=True)
     tokenizer = load_tokenizer(section["tokenizer_ckpt"], patch_nums=model.config.patch_nums).to(device)
     text_encoder = TextEncoder(TextEncoderConfig(**section["text_encoder"]), device)

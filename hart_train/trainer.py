@@ -214,7 +214,8 @@ def train(cfg: RunConfig, make_stage) -> TrainResult:
     the process group exists; returns when max_steps is reached or on preemption."""
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
-    if cfg.run.keep_freed_host_memory:
+    keep = cfg.run.keep_freed_host_memory
+    if keep if keep is not None else cfg.run.device == "cpu":  # a CPU measure: CUDA memory is the allocator's
         host_memory.keep_freed_memory()
     # tqdm (progress bars of model loading) would start a monitor thread, which only warns about slow
     # bars; the reader forks its workers from this process, and a fork is safest with no stray threads

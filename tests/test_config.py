@@ -94,3 +94,20 @@ def test_fp16_is_refused_with_a_reason():
     with pytest.raises(C.ConfigError, match="run.*fp16 is not supported.*bf16"):
         C.load(RunConfig, config, ["run.dtype=fp16"])
     assert C.load(RunConfig, config, ["run.dtype=bf16"]).run.dtype == "bf16"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("run.activation_checkpointing=true", "activation_checkpointing.*tokenizer-vq stage does not checkpoint"),
+    ("run.attention=auto", "attention.*no block-causal attention"),
+])
+def test_t2i_only_settings_are_refused_on_a_tokenizer_stage(override, message):
+    """The tokenizer stages used to ignore these silently."""
+    from pathlib import Path
+
+    from hart_train.run_config import RunConfig
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "tokenizer_vq.yaml")
+    with pytest.raises(C.ConfigError, match=message):
+        C.load(RunConfig, config, [override])
+    t2i = str(Path(__file__).resolve().parents[1] / "configs" / "t2i_256.yaml")
+    assert C.load(RunConfig, t2i, [override]).run.activation_checkpointing

@@ -354,3 +354,13 @@ def test_a_non_empty_output_directory_is_refused(official, tmp_path):
         import_official(src, tmp_path / "taken")
     with pytest.raises(ValueError, match="not a t2i checkpoint"):
         export_checkpoint(import_official(src, tmp_path / "imported") / "tokenizer", tmp_path / "exported")
+
+
+def test_sampling_a_checkpoint_without_ema_says_so(tmp_path, capsys):
+    from hart_train.sampling import load_pipeline
+
+    step, _ = _native_checkpoint(tmp_path, ema_keys_prefix=None)
+    pipe = load_pipeline(str(step))
+    assert "has no ema.safetensors" in capsys.readouterr().err
+    saved, loaded = load_file(str(step / "model.safetensors")), pipe.model.state_dict()
+    assert saved and all(torch.equal(loaded[k], v) for k, v in saved.items())  # the raw weights
