@@ -66,6 +66,7 @@ def active_attention() -> str:
 # ----------------------------------------------------------------------------- apex
 
 
+@functools.lru_cache(maxsize=None)  # a failed import would search the path again at every call
 def _apex_module(name: str):
     try:
         import importlib
@@ -75,6 +76,7 @@ def _apex_module(name: str):
         return None
 
 
+@functools.lru_cache(maxsize=1)
 def apex_available() -> bool:
     return torch.cuda.is_available() and _apex_module("apex.normalization.fused_layer_norm") is not None \
         and _apex_module("apex.optimizers") is not None
