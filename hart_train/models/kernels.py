@@ -156,31 +156,43 @@ def _outputs(name, q, k, v, seg, scale):
 
 def configure(requested: str, problem: dict | None, device: torch.device, dtype: torch.dtype, run_dir: str,
               broadcast: Callable, is_main: bool, optimizer_offloaded: bool = False) -> dict:
-    """Decide this run's kernels (see the module docstring), apply them and return the record."""
+    """Decide this run's kernels (see the module docstring), apply them and return the record. Only rank 0
+    reads and writes kernels.json (another rank could read it half written) and measures; every rank
+    gets its decision, or its error, by `broadcast`."""
     path = os.path.join(run_dir, "kernels.json")
-    record = None
+    record = error = None
+    if is_main:
+        try:
+            record = _decide(requested, problem, device, dtype, path)
+        except ValueError as e:
+            error = str(e)
+    record, error = broadcast((record, error))
+    if error is not None:
+        raise ValueError(error)
+    apex = device.type == "cuda" and _use_apex()  # what runs now (these two do not change the model's numerics)
+    optimizer = "deepspeed.DeepSpeedCPUAdam" if optimizer_offloaded else "apex.FusedAdam" if apex else "torch.AdamW"
+    record.update(rms_norm="apex" if apex else "torch", optimizer=optimizer)
+    if is_main:
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(path + ".tmp", path)
+    set_attention(record["attention"])
+    return record
+
+
+def _decide(requested: str, problem: dict | None, device: torch.device, dtype: torch.dtype, path: str) -> dict:
+    """Rank 0: the recorded attention kernel of a resumed run, else `requested`, measured where `auto`."""
     if os.path.exists(path):  # a resumed run keeps its kernels
         with open(path) as f:
             record = json.load(f)
         if requested not in ("auto", record["attention"]):
             raise ValueError(f"run.attention={requested!r}, but this run was started with {record['attention']!r} "
                              f"({path}); a run keeps its attention kernel to resume bit for bit")
-    if record is None:
-        record = {"attention": requested, "measured": None}
-        if requested == "auto":
-            if problem is None:
-                record["attention"] = "key_prefix"
-            else:
-                measured = measure_attention(problem, device, dtype) if is_main else None
-                measured = broadcast(measured)
-                passing = {n: m for n, m in measured.items() if m["ok"]}
-                record.update(attention=min(passing, key=lambda n: passing[n]["s"]), measured=measured,
-                              problem=problem)
-    apex = device.type == "cuda" and _use_apex()  # what runs now (these two do not change the model's numerics)
-    optimizer = "deepspeed.DeepSpeedCPUAdam" if optimizer_offloaded else "apex.FusedAdam" if apex else "torch.AdamW"
-    record.update(rms_norm="apex" if apex else "torch", optimizer=optimizer)
-    if is_main:
-        with open(path, "w") as f:
-            json.dump(record, f, indent=1)
-    set_attention(record["attention"])
-    return record
+        return record
+    if requested != "auto":
+        return {"attention": requested, "measured": None}
+    if problem is None:
+        return {"attention": "key_prefix", "measured": None}
+    measured = measure_attention(problem, device, dtype)
+    passing = {n: m for n, m in measured.items() if m["ok"]}
+    return {"attention": min(passing, key=lambda n: passing[n]["s"]), "measured": measured, "problem": problem}
