@@ -50,7 +50,8 @@ from data_tools.samples import decode_sample, to_unit_range
 from data_tools.text_encoder import TextEncoder, TextEncoderConfig, model_directory, resolve_kind
 from data_tools.token_format import (EXT_CTX, EXT_FREST, EXT_IDX, EXT_MASK, TOKEN_FORMAT, TOKEN_FORMAT_VERSION,
                                      file_sha256, is_token_dataset, read_token_sample)
-from tokenizer.autoencoder import HARTAutoEncoder, TokenizerConfig, config_to_dict, load_weights_file
+from tokenizer.autoencoder import (HARTAutoEncoder, HARTAutoEncoderWithDisc, TokenizerConfig, config_to_dict,
+                                   load_weights_file)
 
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 _MTIME = 0  # fixed member mtime: identical input gives identical tar bytes
@@ -78,8 +79,11 @@ def tokenizer_checkpoint_config(ckpt_dir: str) -> TokenizerConfig:
         raise ValueError(f"{path / 'config.yaml'}: tokenizer.model is not a TokenizerConfig ({e})") from None
 
 
-def load_tokenizer(ckpt_dir: str, patch_nums: tuple[int, ...] | None = None) -> HARTAutoEncoder:
+def load_tokenizer(ckpt_dir: str, patch_nums: tuple[int, ...] | None = None, with_discriminator: bool = False):
     """HARTAutoEncoder from a checkpoint dir (the `vae.*` weights of model.safetensors, strict); eval, frozen.
+    `with_discriminator=True` gives the HARTAutoEncoderWithDisc instead (`vae` + `disc`, strict, in train
+    mode and trainable) for tokenizer fine-tuning; a VAE-only checkpoint (an official export that left a
+    non-released discriminator out) is refused for it.
 
     `patch_nums` runs the same weights on another scale schedule (the tokenizer is convolutional; only
     the Phi assignment and the usage buffer depend on the number of scales), so one tokenizer serves
@@ -88,6 +92,15 @@ def load_tokenizer(ckpt_dir: str, patch_nums: tuple[int, ...] | None = None) -> 
     if patch_nums is not None:
         cfg = dataclasses.replace(cfg, patch_nums=tuple(patch_nums))
     state = load_weights_file(Path(ckpt_dir) / "model.safetensors")
+    if with_discriminator:
+        if not any(k.startswith("disc.") for k in state):
+            raise ValueError(f"{ckpt_dir}/model.safetensors has no `disc.*` weights (a VAE-only tokenizer)")
+        full = HARTAutoEncoderWithDisc(cfg)
+        try:
+            full.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{ckpt_dir}: weights do not match its config.yaml tokenizer.model: {e}") from None
+        return full
     vae_state = {k[len("vae.") :]: v for k, v in state.items() if k.startswith("vae.")}
     if not vae_state:
         raise ValueError(f"{ckpt_dir}/model.safetensors has no `vae.*` weights (not a tokenizer checkpoint)")

@@ -29,7 +29,7 @@ from tokenizer.autoencoder import HARTAutoEncoder
 class Pipeline:
     model: HARTForT2I
     tokenizer: HARTAutoEncoder
-    text_encoder: TextEncoder
+    text_encoder: TextEncoder | None  # None when loaded without it (then sample from your own context)
 
 
 @torch.no_grad()
@@ -52,8 +52,10 @@ def sample_images(model: HARTForT2I, tokenizer: HARTAutoEncoder, text_encoder: T
     )
 
 
-def load_pipeline(ckpt_dir: str, use_ema: bool = True, device: str = "cpu") -> Pipeline:
-    """Model (EMA weights by default), tokenizer and text encoder from a t2i checkpoint directory."""
+def load_pipeline(ckpt_dir: str, use_ema: bool = True, device: str = "cpu", text_encoder: bool = True) -> Pipeline:
+    """Model (EMA weights by default), tokenizer and text encoder from a t2i checkpoint directory.
+    `text_encoder=False` loads the model and tokenizer alone (e.g. an imported checkpoint whose config
+    names no text encoder directory, or a parity check that feeds its own context)."""
     cfg_path = os.path.join(ckpt_dir, "config.yaml")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{ckpt_dir} has no config.yaml (not a hart-train t2i checkpoint)")
@@ -72,5 +74,5 @@ def load_pipeline(ckpt_dir: str, use_ema: bool = True, device: str = "cpu") -> P
               file=sys.stderr)
     load_official_state_dict(model, state, strict=True)
     tokenizer = load_tokenizer(section["tokenizer_ckpt"], patch_nums=model.config.patch_nums).to(device)
-    text_encoder = TextEncoder(TextEncoderConfig(**section["text_encoder"]), device)
-    return Pipeline(model.to(device).eval().requires_grad_(False), tokenizer, text_encoder)
+    encoder = TextEncoder(TextEncoderConfig(**section["text_encoder"]), device) if text_encoder else None
+    return Pipeline(model.to(device).eval().requires_grad_(False), tokenizer, encoder)

@@ -364,3 +364,30 @@ def test_sampling_a_checkpoint_without_ema_says_so(tmp_path, capsys):
     assert "has no ema.safetensors" in capsys.readouterr().err
     saved, loaded = load_file(str(step / "model.safetensors")), pipe.model.state_dict()
     assert saved and all(torch.equal(loaded[k], v) for k, v in saved.items())  # the raw weights
+
+
+def test_an_imported_checkpoint_loads_without_a_text_encoder(official, tmp_path):
+    """Imported without --text-encoder, the config names no text encoder directory: the model and the
+    tokenizer load alone, with the official weights (EMA)."""
+    from hart_train.sampling import load_pipeline
+
+    src, raw, ema, tok = official
+    imported = import_official(src, tmp_path / "imported")
+    pipe = load_pipeline(str(imported / "llm"), text_encoder=False)
+    assert pipe.text_encoder is None
+    state = pipe.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in ema.items() if k in state)
+    assert torch.equal(pipe.tokenizer.quantize.embedding.weight, tok["vae.quantize.embedding.weight"])
+
+
+def test_load_tokenizer_with_its_discriminator_for_fine_tuning(official, tmp_path):
+    src, _, _, tok = official
+    imported = import_official(src, tmp_path / "imported")
+    full = load_tokenizer(str(imported / "tokenizer"), with_discriminator=True)
+    assert isinstance(full, HARTAutoEncoderWithDisc) and full.training
+    assert all(p.requires_grad for p in full.parameters())
+    assert all(torch.equal(full.state_dict()[k], v) for k, v in tok.items())
+    vae_only_export = export_checkpoint(imported / "llm", tmp_path / "exported")  # the tiny disc is left out
+    again = import_official(vae_only_export, tmp_path / "again")
+    with pytest.raises(ValueError, match="no `disc.\\*` weights"):
+        load_tokenizer(str(again / "tokenizer"), with_discriminator=True)
