@@ -132,7 +132,10 @@ def save(engine, root: str, step: int, meta: dict, reader_state: dict, rng_state
 
 
 def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # another rank's temporary file, renamed meanwhile (its writer syncs the result)
+        return
     try:
         os.fsync(fd)
     finally:

@@ -13,9 +13,11 @@ Per rank, by holder:
     the parameter partitions;
 - the EMA (fp32, the same partition as the masters), the frozen tokenizer (fp32, whole) and, when the run
   reads images, the frozen text encoder (its config's dtype, whole);
+- ZeRO-3's gradient reduce bucket (`zero.reduce_bucket_size` elements in the run dtype, allocated whole
+  when the engine starts);
 - the step's peak above those, the largest of its phases (`Planner.step_transient`): forward and
-  backward (activations, ZeRO-3's gathered parameters and gradient bucket) and the optimizer step (its
-  fp32 gradient copy and AdamW's temporary). Activations and temporaries are *traced*, not estimated: the
+  backward (activations, ZeRO-3's gathered parameters) and the optimizer step (its fp32 gradient copy
+  and temporaries, 12 bytes per partition element in bf16, calibrated by measurement). Activations and temporaries are *traced*, not estimated: the
   stage's own code (tokenizer encode and text encoder when the data are images, then the transformer's
   forward and backward with the config's dtype, activation checkpointing and attention) runs on fake
   tensors (`torch._subclasses.FakeTensorMode`, CPU kernels' shapes, no data), and a dispatch mode adds up
@@ -274,28 +276,31 @@ class Planner:
         if self.text_cfg is not None:
             te_bytes = DTYPE_BYTES.get(self.cfg.t2i.text_encoder.dtype, 2)
             device["frozen_text_encoder"] = self._numel(self._build_text_encoder) * te_bytes
+        if z.stage == 3:  # DeepSpeed allocates its reduce bucket whole when the engine starts
+            device["zero3_reduce_bucket"] = z.reduce_bucket_size * pb
         self.shard, self.optimizer_on_device = shard, not z.offload_optimizer
-        self.step_bytes = 4 + (4 if self.dtype != "fp32" else 0)
+        self.step_bytes = 8 + (4 if self.dtype != "fp32" else 0)
         return device, host
 
     def step_transient(self, fwd_peak: int, bwd_peak: int) -> dict:
         """The step's memory above the held states, by phase; the step's peak is the largest phase.
         - forward / backward: the traced activations, plus under ZeRO-3 the gathered parameters (up to
-          `zero.max_live_parameters` elements in the run dtype) and, in the backward, the gradient reduce
-          bucket (`zero.reduce_bucket_size` elements in the run dtype);
-        - optimizer step: the gathered parameters and the bucket are still held (measured: parameters used
-          last in the backward are used first in the next forward, within `zero.max_reuse_distance`, so
-          DeepSpeed keeps them), and, with the optimizer on the device, the fp32 copy of the gradient
-          partition DeepSpeed hands the optimizer (bf16 runs; fp32 gradients are used as they are) plus one
-          fp32 temporary of torch's multi-tensor AdamW (its sqrt(v) buffer): 8 (4) bytes per element."""
+          `zero.max_live_parameters` elements in the run dtype);
+        - optimizer step: the gathered parameters are still held (measured: parameters used last in the
+          backward are used first in the next forward, within `zero.max_reuse_distance`, so DeepSpeed
+          keeps them), and, with the optimizer on the device, 12 bytes per element of the partition in bf16
+          runs: the fp32 copy of the gradient partition DeepSpeed hands the optimizer, torch's multi-tensor
+          AdamW's sqrt(v) temporary, and one more fp32 partition-sized temporary of the step (measured:
+          `tests/test_memory_plan.py`'s model-states shape peaks 162-171 MiB above its holders where
+          gathered parameters + 8 bytes per element would give 125 MiB). fp32 runs skip the copy (8 bytes;
+          not measured)."""
         z, pb = self.cfg.zero, DTYPE_BYTES[self.dtype]
-        gathered = bucket = 0
+        gathered = 0
         if z.stage == 3:
             gathered = min(sum(n for _, n, _ in self.params if n >= z.param_persistence_threshold),
                            z.max_live_parameters + z.reduce_bucket_size) * pb
-            bucket = min(z.reduce_bucket_size, self.trainable) * pb
-        return {"forward": gathered + fwd_peak, "backward": gathered + bucket + bwd_peak,
-                "optimizer_step": gathered + bucket + (self.step_bytes * self.shard if self.optimizer_on_device else 0)}
+        return {"forward": gathered + fwd_peak, "backward": gathered + bwd_peak,
+                "optimizer_step": gathered + (self.step_bytes * self.shard if self.optimizer_on_device else 0)}
 
     def _tokenizer(self):
         from tokenizer.autoencoder import HARTAutoEncoder

@@ -325,7 +325,7 @@ def _record_memory(engine, ema, stage, peaks: list, run_dir: str) -> None:
     mine["first_step_peak_above_static"] = peaks[0]
     mine["step_peak_above_static"] = peaks[-1]
     mine["peak_total"] = None if peaks[-1] is None else sum(
-        mine[k] for k in ("parameters", "master_weights", "optimizer_state", "gradients", "ema", "frozen")
+        mine[k] for k in ("parameters", "master_weights", "optimizer_state", "gradients", "buckets", "ema", "frozen")
     ) + peaks[-1]
     per_rank = D.all_gather_object(mine)
     if D.is_main():

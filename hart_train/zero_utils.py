@@ -218,7 +218,7 @@ def memory_breakdown(engine) -> dict[str, int]:
     """Bytes this rank holds now, by what holds them, counted from the tensors themselves (shared
     storage once): the module's parameters (ZeRO-3: their partitions), the optimizer's fp32 master
     weights (the tensors its inner torch optimizer steps), the optimizer state (Adam moments), and the
-    gradients (ZeRO-3's flat fp32 gradient partitions, or the masters' .grad)."""
+    gradients (ZeRO-3's flat gradient partitions, or the masters' .grad), and ZeRO-3's reduce buckets."""
     seen: set = set()
     module = engine.module
     # ZeRO-3: the partition, and the full tensor where one is held (persistent small parameters; others
@@ -231,4 +231,7 @@ def memory_breakdown(engine) -> dict[str, int]:
     state = storage_bytes((v for st in inner.state.values() for v in st.values()), seen)
     grads = storage_bytes([getattr(engine.optimizer, "grad_partitions_flat_buffer", None)]
                            + [p.grad for p in masters], seen)
-    return {"parameters": params, "master_weights": master_bytes, "optimizer_state": state, "gradients": grads}
+    # ZeRO-3's gradient reduce buckets: allocated whole at engine start (reduce_bucket_size elements each)
+    buckets = storage_bytes([getattr(b, "buffer", None) for b in getattr(engine.optimizer, "ipg_buckets", {}).values()], seen)
+    return {"parameters": params, "master_weights": master_bytes, "optimizer_state": state, "gradients": grads,
+            "buckets": buckets}

@@ -57,6 +57,7 @@ def test_plan_predicts_the_measured_peak_within_15_percent(shape, emoji_dataset,
         assert rank["master_weights"] == pytest.approx(dev["master_weights"], rel=0.02)
         assert rank["optimizer_state"] == pytest.approx(dev["optimizer_state"], rel=0.02)
         assert rank["ema"] == pytest.approx(dev["ema"], rel=0.02)
+        assert rank["buckets"] == dev["zero3_reduce_bucket"]
         print(f"{shape}: predicted {predicted / 2**20:.1f} MiB, measured {rank['peak_total'] / 2**20:.1f} MiB "
               f"(step peak above holders: measured {rank['step_peak_above_static'] / 2**20:.1f} MiB, predicted "
               f"{dev['step_peak'] / 2**20:.1f} MiB, phases {plan['step_phases_bytes']}); holders {json.dumps({k: v for k, v in rank.items() if 'peak' not in k})}; plan {json.dumps(dev)}")
