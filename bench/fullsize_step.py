@@ -33,11 +33,12 @@ the one it took. `memory` puts `hart-train plan`'s per-rank prediction for the s
 entry says how it failed and what ran before.
 
 On the 2-core, 24 GiB development machine (`--memory-only`, two steps then the final save) the 256px
-schedule trains: per rank 6.38 GB held (bf16 parameter half 0.73, fp32 masters 1.46, Adam moments 2.93,
-gradients 0.73, frozen tokenizer and text encoder 0.52) and 1.68 GB above that in the second step (38 s),
-8.06 GB at the peak against the planner's 8.10 GB. The full 3-step run with a mid-run save, resume and
-export was OOM-killed in its third step or at the first save. 1024px does not fit: the planner puts a
-rank at 10.5 GB, and both ranks were killed in their first step. It needs a host with about 32 GB.
+schedule trains: per rank 6.48 GB held (bf16 parameter half 0.73, fp32 masters 1.46, Adam moments 2.93,
+gradients 0.73, reduce bucket 0.10, frozen tokenizer and text encoder 0.52) and 1.30-1.68 GB above that
+in the second step (it depends on the kept tokens drawn), 7.78-7.93 GB at the peak against the planner's
+8.12 GB. The full 3-step run with a mid-run save, resume and export was OOM-killed in its third step or
+at the first save. 1024px does not fit: the planner puts a rank at 10.6 GB, and both ranks were killed
+in their first step. It needs a host with about 32 GB.
 """
 
 from __future__ import annotations
