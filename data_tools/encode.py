@@ -95,21 +95,20 @@ def load_tokenizer(ckpt_dir: str, patch_nums: tuple[int, ...] | None = None, wit
     if with_discriminator:
         if not any(k.startswith("disc.") for k in state):
             raise ValueError(f"{ckpt_dir}/model.safetensors has no `disc.*` weights (a VAE-only tokenizer)")
-        full = HARTAutoEncoderWithDisc(cfg)
-        try:
-            full.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"{ckpt_dir}: weights do not match its config.yaml tokenizer.model: {e}") from None
-        return full
+        return _load_strict(HARTAutoEncoderWithDisc(cfg), state, ckpt_dir)
     vae_state = {k[len("vae.") :]: v for k, v in state.items() if k.startswith("vae.")}
     if not vae_state:
         raise ValueError(f"{ckpt_dir}/model.safetensors has no `vae.*` weights (not a tokenizer checkpoint)")
-    model = HARTAutoEncoder(cfg)
+    model = _load_strict(HARTAutoEncoder(cfg), vae_state, ckpt_dir)
+    return model.eval().requires_grad_(False)
+
+
+def _load_strict(model: torch.nn.Module, state: dict, ckpt_dir: str) -> torch.nn.Module:
     try:
-        model.load_state_dict(vae_state, strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{ckpt_dir}: weights do not match its config.yaml tokenizer.model: {e}") from None
-    return model.eval().requires_grad_(False)
+    return model
 
 
 # ----------------------------------------------------------------------------- arguments
