@@ -150,14 +150,14 @@ def kernels_section() -> dict:
     q, k, v = (torch.randn(1, 4, sum(p["seg_lens"]), 64, generator=g) for _ in range(3))
     ref = kernels.ATTENTION["key_prefix"](q, k, v, p["seg_lens"], p["scale"])
     out["cuda_bf16_vs_cpu_fp32_max_rel_err"] = {
-        n: kernels._rel_err(fn(*(t.cuda().bfloat16() for t in (q, k, v)), p["seg_lens"], p["scale"]).float().cpu(), ref)
+        n: kernels.rel_err(fn(*(t.cuda().bfloat16() for t in (q, k, v)), p["seg_lens"], p["scale"]).float().cpu(), ref)
         for n, fn in kernels.ATTENTION.items()}
     x, w = torch.randn(4096, 1536, device=dev, dtype=torch.bfloat16), torch.rand(1536, device=dev, dtype=torch.bfloat16)
     os.environ["HART_DISABLE_APEX"] = "1"
     torch_norm = kernels.rms_norm(x, w, 1e-6)
     del os.environ["HART_DISABLE_APEX"]
     out["rms_norm"] = {"apex": kernels.apex_available(),
-                       "max_rel_err_vs_torch": kernels._rel_err(kernels.rms_norm(x, w, 1e-6), torch_norm)}
+                       "max_rel_err_vs_torch": kernels.rel_err(kernels.rms_norm(x, w, 1e-6), torch_norm)}
     out["adamw"] = {"apex": kernels.apex_available(), "max_rel_err_vs_torch": _adam_diff()}
     return out
 
@@ -179,7 +179,7 @@ def _adam_diff() -> float:
             opt.step()
         params.append(p.detach())
     os.environ.pop("HART_DISABLE_APEX", None)
-    return kernels._rel_err(params[1], params[0])
+    return kernels.rel_err(params[1], params[0])
 
 
 def tiny_stages() -> dict:

@@ -81,13 +81,12 @@ def peak_tflops(device_name: str) -> float | None:
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of the storages that ops create while active, and their peak. Storages that exist before
+    """Bytes of the storages that ops create while active, and their peak per phase. Storages that exist before
     (`ignore`) are not counted; a storage is forgotten when its last tensor dies."""
 
     def __init__(self, ignore=()):
         super().__init__()
         self.live = 0
-        self.peak = 0
         self.phase_peak = 0  # the peak since the last `new_phase()`
         self._refs: dict[int, weakref.ref] = {}
         for t in ignore:
@@ -101,7 +100,6 @@ class LiveBytes(TorchDispatchMode):
             return
         n = st.nbytes()
         self.live += n
-        self.peak = max(self.peak, self.live)
         self.phase_peak = max(self.phase_peak, self.live)
 
         def release(_, key=key, n=n):
@@ -271,7 +269,7 @@ class Planner:
             host["parameters"] = device.pop("parameters")
         device["ema"] = 4 * shard if self.cfg.ema.enabled else 0
         self.trainable = trainable
-        tok_numel = self._numel(lambda: self._tokenizer())
+        tok_numel = self._numel(self._tokenizer)
         device["frozen_tokenizer"] = tok_numel * 4
         if self.text_cfg is not None:
             te_bytes = DTYPE_BYTES.get(self.cfg.t2i.text_encoder.dtype, 2)

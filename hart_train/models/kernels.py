@@ -134,14 +134,15 @@ def measure_attention(problem: dict, device: torch.device, dtype: torch.dtype, c
     B, H, d, seg = problem["batch"], problem["heads"], problem["head_dim"], list(problem["seg_lens"])
     q, k, v = (torch.randn(B, H, sum(seg), d, generator=g).to(device, dtype) for _ in range(3))
     exact = _outputs("key_prefix", q.float(), k.float(), v.float(), seg, problem["scale"])
-    errors = {name: max(_rel_err(a, b) for a, b in zip(_outputs(name, q, k, v, seg, problem["scale"]), exact))
+    errors = {name: max(rel_err(a, b) for a, b in zip(_outputs(name, q, k, v, seg, problem["scale"]), exact))
               for name in candidates or ATTENTION}
     bound = max(2 * errors.get("key_prefix", 0.0), 1e-5 if dtype == torch.float32 else 2 * 2**-8)
     return {name: {"s": time_attention(name, q, k, v, seg, problem["scale"]), "max_rel_err": err, "ok": err <= bound}
             for name, err in errors.items()}
 
 
-def _rel_err(a: torch.Tensor | None, b: torch.Tensor) -> float:
+def rel_err(a: torch.Tensor | None, b: torch.Tensor) -> float:
+    """Largest |a - b| over the largest |b| (inf where `a` is missing or misshapen)."""
     if a is None or a.shape != b.shape:  # e.g. no gradient reached an input
         return float("inf")
     return float((a.float() - b.float()).abs().max()) / max(float(b.float().abs().max()), 1e-12)
