@@ -50,7 +50,11 @@ class TrainResult:
     preempted: bool
 
 
-class _Preemption:
+class Preemption:
+    """SIGTERM or SIGUSR1 sets `requested`; the loop acts on it at the next step boundary. Installed when
+    `train` starts, so a signal during model building, loading or a world-size conversion is honoured
+    after the first step rather than killing the rank."""
+
     def __init__(self):
         self.requested = False
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -97,7 +101,7 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: str, root: str) -> str | None:
                 print(f"resuming {resume} on {D.world_size()} ranks (saved on {meta['world_size']}): "
                       "converting to a universal checkpoint", flush=True)
                 ckpt.clear_conversion_failure(resume)  # before anyone looks for it
-            _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), meta["step"])
+        _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), 0 if resume is None else meta["step"])
     resume, convert = D.broadcast_object((resume, convert))
     if convert:
         _convert_to_universal(cfg, resume)
@@ -118,7 +122,8 @@ def _convert_to_universal(cfg: RunConfig, resume: str) -> None:
 
 
 def _truncate_metrics(path: str, step: int) -> None:
-    """Drop log lines of steps after the resume point (they are about to be redone)."""
+    """Drop log lines of steps after the resume point (they are about to be redone; step 0 when an
+    earlier attempt died before its first checkpoint)."""
     if os.path.exists(path):
         kept = [r for r in read_jsonl(path) if r["step"] <= step]
         with open(path, "w", encoding="utf-8") as f:
@@ -212,6 +217,7 @@ def _mean_across_ranks(values: dict[str, float], device) -> dict[str, float]:
 def train(cfg: RunConfig, make_stage) -> TrainResult:
     """Run (or resume) `cfg` with the stage `make_stage(cfg, device)` builds on this rank's device, once
     the process group exists; returns when max_steps is reached or on preemption."""
+    preempt = Preemption()
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
     keep = cfg.run.keep_freed_host_memory
@@ -253,9 +259,9 @@ def train(cfg: RunConfig, make_stage) -> TrainResult:
         step = _load(engine, cfg, resume, reader, ema, stage)
         if D.is_main():
             print(f"resumed from {resume} at step {step} ({time.perf_counter() - t_load:.1f} s)", flush=True)
-    logger = MetricsLogger(run_dir, C.to_dict(cfg), cfg.wandb, enabled=D.is_main())
+    logger = MetricsLogger(run_dir, C.to_dict(cfg), cfg.wandb, enabled=D.is_main(), resumed_at=step if resume else None)
     try:
-        return _loop(cfg, stage, engine, ema, reader, logger, device, run_dir, root, step)
+        return _loop(cfg, stage, engine, ema, reader, logger, device, run_dir, root, step, preempt)
     finally:
         reader.close()
         logger.close()
@@ -333,8 +339,7 @@ def _record_memory(engine, ema, stage, peaks: list, run_dir: str) -> None:
             json.dump({"per_rank": per_rank}, f, indent=1)
 
 
-def _loop(cfg, stage, engine, ema, reader, logger, device, run_dir, root, step) -> TrainResult:
-    preempt = _Preemption()
+def _loop(cfg, stage, engine, ema, reader, logger, device, run_dir, root, step, preempt) -> TrainResult:
     batches = iter(reader)
     last_ckpt, window, t0 = None, {}, time.perf_counter()
     samples_in_window = 0

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Multi-node training with the DeepSpeed launcher. Everything after the launcher options goes to
-# `hart-train run` (--config FILE [--set key=value ...]).
+# Training on one node or many. Everything after the launcher options goes to `hart-train run`
+# (--config FILE [--set key=value ...]). One node, and one node of many (--no_ssh), run this node's ranks
+# under hart_train.launcher, which turns preemption (SIGTERM or SIGUSR1) into a checkpoint and exit 0;
+# many nodes from one (pdsh/ssh) go through DeepSpeed's runner.
 #
 #   One node, N ranks:            launch/train.sh --num_gpus 8 --config configs/t2i_1024.yaml
 #   Many nodes over pdsh/ssh:     launch/train.sh --hostfile launch/hostfile.example --config ...
@@ -56,16 +58,26 @@ else
 fi
 [ -n "${HART_RUN_ROOT:-}" ] && TRAIN_ARGS+=(--set "run.out_dir=$HART_RUN_ROOT")
 
-LAUNCH=(-m deepspeed.launcher.runner --no_local_rank --master_port "$MASTER_PORT")  # LOCAL_RANK comes by env
-[ -n "$HOSTFILE" ] && LAUNCH+=(--hostfile "$HOSTFILE")
-[ -n "$NUM_GPUS" ] && LAUNCH+=(--num_gpus "$NUM_GPUS")
-[ -n "$MASTER_ADDR" ] && LAUNCH+=(--master_addr "$MASTER_ADDR")
+if [ -n "$HOSTFILE" ] && ((! NO_SSH)); then
+  # Many nodes from this one over pdsh/ssh: DeepSpeed's runner starts DeepSpeed's launcher on every node,
+  # which kills its ranks on SIGTERM (no checkpoint). Under a scheduler, run one per-node launcher on
+  # every node instead (--no_ssh, as launch/slurm.sbatch does), which checkpoints on preemption.
+  # pdsh/ssh nodes inherit these through DeepSpeed's .deepspeed_env file
+  env | grep -E '^(DS_ACCELERATOR|OMP_NUM_THREADS|LOCAL_SIZE|WANDB_MODE|TORCH_NCCL_ASYNC_ERROR_HANDLING|NCCL_[A-Z_]+|GLOO_[A-Z_]+|AWS_DEFAULT_REGION|AWS_ENDPOINT_URL[A-Z_]*|HF_HUB_OFFLINE)=' > .deepspeed_env || true
+  LAUNCH=(-m deepspeed.launcher.runner --no_local_rank --master_port "$MASTER_PORT" --hostfile "$HOSTFILE")
+  [ -n "$NUM_GPUS" ] && LAUNCH+=(--num_gpus "$NUM_GPUS")
+  [ -n "$MASTER_ADDR" ] && LAUNCH+=(--master_addr "$MASTER_ADDR")
+  exec "$PY" "${LAUNCH[@]}" --module hart_train.cli run "${TRAIN_ARGS[@]}"
+fi
+
+# This node's ranks under hart_train.launcher: SIGTERM or SIGUSR1 (to the launcher or to the whole job)
+# makes every rank save a checkpoint and exit 0, and the launcher exit 0; the same command resumes.
+LAUNCH=(-m hart_train.launcher --master_port "$MASTER_PORT")
+[ -n "$NUM_GPUS" ] && LAUNCH+=(--nproc_per_node "$NUM_GPUS")
 if ((NO_SSH)); then
   [ -n "$NODE_RANK" ] || { echo "train.sh: --no_ssh needs --node_rank" >&2; exit 2; }
   [ -n "$MASTER_ADDR" ] || { echo "train.sh: --no_ssh needs --master_addr" >&2; exit 2; }
-  LAUNCH+=(--no_ssh --node_rank "$NODE_RANK")
-elif [ -n "$HOSTFILE" ]; then
-  # pdsh/ssh nodes inherit these through DeepSpeed's .deepspeed_env file
-  env | grep -E '^(DS_ACCELERATOR|OMP_NUM_THREADS|LOCAL_SIZE|WANDB_MODE|TORCH_NCCL_ASYNC_ERROR_HANDLING|NCCL_[A-Z_]+|GLOO_[A-Z_]+|AWS_DEFAULT_REGION|AWS_ENDPOINT_URL[A-Z_]*|HF_HUB_OFFLINE)=' > .deepspeed_env || true
+  [ -n "$HOSTFILE" ] || { echo "train.sh: --no_ssh needs --hostfile" >&2; exit 2; }
+  LAUNCH+=(--hostfile "$HOSTFILE" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR")
 fi
-exec "$PY" "${LAUNCH[@]}" --module hart_train.cli run "${TRAIN_ARGS[@]}"
+exec "$PY" "${LAUNCH[@]}" hart_train.cli run "${TRAIN_ARGS[@]}"

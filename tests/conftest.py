@@ -89,3 +89,33 @@ def tokenizer_ckpt(tmp_path_factory):
     from runs import make_tokenizer_ckpt
 
     return make_tokenizer_ckpt(tmp_path_factory.mktemp("tok"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen(tmp_path_factory):
+    """A tiny Qwen2 text encoder with random weights, saved as a local model directory."""
+    from text_models import save_tiny_qwen
+
+    return save_tiny_qwen(tmp_path_factory.mktemp("qwen2"))
+
+
+@pytest.fixture(scope="session")
+def t2i_args(emoji_dataset, tokenizer_ckpt, qwen):
+    """`t2i_args(out, name, *extra)`: the shipped full-size t2i configs at small width (runs.fullsize_t2i_overrides)."""
+    from runs import fullsize_t2i_overrides
+
+    def args(out, name: str, *extra: str) -> list[str]:
+        return fullsize_t2i_overrides(emoji_dataset, out, name, tokenizer_ckpt, qwen, *extra)
+
+    return args
+
+
+@pytest.fixture(scope="session")
+def bf16_reference(t2i_args, tmp_path_factory):
+    """An uninterrupted 2-rank run of configs/t2i_256.yaml (bf16, ZeRO-3) at small width: the reference
+    that killed, preempted and relaunched t2i runs must reproduce."""
+    from procs import check, run_train
+
+    out = tmp_path_factory.mktemp("bf16")
+    check(run_train("configs/t2i_256.yaml", t2i_args(out, "ref")))
+    return out / "ref"

@@ -29,7 +29,6 @@ from safetensors.torch import load_file, save_file
 from hart_train.models import HARTConfig, HARTForT2I
 from procs import REPO, check, env, free_port, kill_group, run_train, start_train, wait_for
 from runs import fullsize_t2i_overrides, losses
-from text_models import save_tiny_qwen
 
 T2I = "configs/t2i_256.yaml"
 T2I_512, T2I_1024 = "configs/t2i_512.yaml", "configs/t2i_1024.yaml"  # the same settings at other resolutions
@@ -42,23 +41,8 @@ TOKENIZER_SIZES = ["tokenizer.model.vocab_size=64", "tokenizer.model.z_channels=
 
 
 @pytest.fixture(scope="module")
-def qwen(tmp_path_factory) -> Path:
-    return save_tiny_qwen(tmp_path_factory.mktemp("qwen2"))
-
-
-@pytest.fixture(scope="module")
-def t2i_args(emoji_dataset, tokenizer_ckpt, qwen):
-    def args(out: Path, name: str, *extra: str) -> list[str]:
-        return fullsize_t2i_overrides(emoji_dataset, out, name, tokenizer_ckpt, qwen, *extra)
-
-    return args
-
-
-@pytest.fixture(scope="module")
-def reference(t2i_args, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bf16")
-    check(run_train(T2I, t2i_args(out, "ref")))
-    return out / "ref"
+def reference(bf16_reference) -> Path:
+    return bf16_reference
 
 
 def _ckpt(run: Path, step: int) -> Path:
