@@ -4,7 +4,9 @@
 model.safetensors and, by default, the EMA weights HART infers with), with the tokenizer and text
 encoder from the local paths the config names. `sample_images` runs HART's sampler: CFG with the
 linear ramp t = cfg*si/(S-1) and "(1+t)cond - t*uncond", top-k / top-p per scale, optional
-`more_smooth`, the KV cache, and the 8-step residual diffusion on the last scale.
+`more_smooth`, the KV cache, and the 8-step residual diffusion on the last scale. Its random draws come
+from a generator seeded with `seed`, or from the caller (`draws`, see `SampleDraws`) to replay a sample
+drawn elsewhere.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from safetensors.torch import load_file
 from data_tools.encode import load_tokenizer
 from data_tools.text_encoder import TextEncoder, TextEncoderConfig
 from hart_train import distributed as D
-from hart_train.models import HARTConfig, HARTForT2I
+from hart_train.models import HARTConfig, HARTForT2I, SampleDraws
 from hart_train.models.hart_t2i import load_official_state_dict
 from tokenizer.autoencoder import HARTAutoEncoder
 
@@ -35,8 +37,10 @@ class Pipeline:
 @torch.no_grad()
 def sample_images(model: HARTForT2I, tokenizer: HARTAutoEncoder, text_encoder: TextEncoder, prompts: list[str], *,
                   seed: int = 0, cfg_scale: float = 4.5, top_k: int = 600, top_p: float = 0.0,
-                  more_smooth: bool = False, device=None) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1] for `prompts`; the same seed gives the same images."""
+                  more_smooth: bool = False, device=None, draws: SampleDraws | None = None) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] for `prompts`; the same seed gives the same images. `draws` replaces
+    the seeded draws it gives (`model.draw_sampling_randomness(N, device, generator, more_smooth)` returns
+    the ones the seed gives)."""
     device = torch.device(device or "cpu")
     context, mask, pos = text_encoder.encode(prompts)
     generator = D.generator(device).manual_seed(seed)
@@ -48,7 +52,7 @@ def sample_images(model: HARTForT2I, tokenizer: HARTAutoEncoder, text_encoder: T
     return model.autoregressive_infer_cfg(
         context, mask, tokenizer.quantize.codebook(), next_input, tokenizer.fhat_to_img,
         context_position_ids=pos, cfg=cfg_scale, top_k=top_k, top_k_late=min(top_k, 300), top_p=top_p,
-        more_smooth=more_smooth, generator=generator,
+        more_smooth=more_smooth, generator=generator, draws=draws,
     )
 
 

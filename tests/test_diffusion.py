@@ -96,6 +96,41 @@ def test_sampling_is_seeded_and_clipped():
     assert u.shape == (10, 4)
 
 
+
+@pytest.mark.parametrize("cfg", [1.5, None])
+def test_supplied_noise_replaces_the_generator(cfg):
+    torch.manual_seed(0)
+    head = DiffLoss(4, 8, 32, 2, "8")
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    z = torch.randn(10, 8)
+    default = head.sample(z, 0.8, cfg=cfg, generator=torch.Generator().manual_seed(3))
+    noise, steps = head.draw_sample_noise(10, cfg is not None, generator=torch.Generator().manual_seed(3))
+    assert tuple(noise.shape) == ((5 if cfg else 10), 4) and tuple(steps.shape) == (8, 10, 4)
+    g = torch.Generator().manual_seed(99)
+    state = g.get_state()
+    assert torch.equal(head.sample(z, 0.8, cfg=cfg, generator=g, noise=noise, step_noise=steps), default)
+    assert torch.equal(g.get_state(), state)
+    # the start noise alone: the step noise still comes from the generator, after where the start noise was
+    g = torch.Generator().manual_seed(3)
+    torch.randn(noise.shape, generator=g)
+    assert torch.equal(head.sample(z, 0.8, cfg=cfg, generator=g, noise=noise), default)
+    # every step's noise counts except the last step's, which is drawn but not added (as in the reference)
+    bumped_first, bumped_last = steps.clone(), steps.clone()
+    bumped_first[0] += 1
+    bumped_last[-1] += 1
+    assert not torch.equal(head.sample(z, 0.8, cfg=cfg, noise=noise, step_noise=bumped_first), default)
+    assert torch.equal(head.sample(z, 0.8, cfg=cfg, noise=noise, step_noise=bumped_last), default)
+
+
+def test_misshapen_noise_is_refused():
+    head = DiffLoss(4, 8, 32, 2, "8")
+    z = torch.randn(10, 8)
+    with pytest.raises(ValueError, match=r"start noise has shape \(10, 4\), expected \(5, 4\)"):
+        head.sample(z, cfg=1.5, noise=torch.randn(10, 4))
+    with pytest.raises(ValueError, match=r"step noise has shape \(7, 10, 4\), expected \(8, 10, 4\)"):
+        head.sample(z, cfg=None, step_noise=torch.randn(7, 10, 4))
+
 def test_full_size_head_parameter_count():
     with torch.device("meta"):
         head = DiffLoss(target_channels=32, z_channels=1536, width=1024, depth=6, num_sampling_steps="8")

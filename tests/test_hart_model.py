@@ -11,7 +11,7 @@ import torch
 from hart_train.models import HARTConfig, HARTForT2I, KVCache, hart_config, load_official_state_dict, official_state_dict
 from hart_train.models import attention as attention_mod
 from hart_train.models import kernels
-from hart_train.models.hart_t2i import (TrainDraws, filter_top_k_top_p, sample_top_k_top_p, top_k_candidates,
+from hart_train.models.hart_t2i import (SampleDraws, TrainDraws, filter_top_k_top_p, sample_top_k_top_p, top_k_candidates,
                                        truncnorm_sample)
 from hart_train.models.rope import apply_rope, image_positions, rope_1d, rope_2d
 
@@ -316,6 +316,31 @@ def test_residual_target_is_relative_to_the_sampled_token():
     assert torch.allclose(seen["x0"], want)
 
 
+
+@pytest.mark.parametrize("finite", [True, False])
+def test_sampled_token_falls_back_to_the_ground_truth_without_a_draw(finite):
+    """The released fallback: when the last-scale logits are not all finite, the residual is relative to
+    the ground-truth token and nothing is drawn (the generator is left as it was)."""
+    m = make_model(diff_weight=0.0)
+    batch = make_batch(m)
+    B, n = 2, 16
+    if not finite:
+        with torch.no_grad():
+            m.head.bias[3] = torch.inf
+    mul_rows = m.config.diffusion_batch_mul * B * n
+    draws = TrainDraws(torch.arange(n).repeat(B, 1), torch.zeros(B, dtype=torch.bool),
+                       diff_t=torch.zeros(mul_rows, dtype=torch.long), diff_noise=torch.zeros(mul_rows, m.config.Cvae))
+    seen = {}
+    m.diffloss.train_diffusion.q_sample = lambda x0, t, noise: seen.setdefault("x0", x0)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    m(**batch, draws=draws, generator=g)
+    gt_last = batch["gt_idx"][:, -n:]
+    relative_to_gt = (batch["f_rest_last"] - batch["codebook"][gt_last]).reshape(B * n, -1).repeat(4, 1) / 0.6
+    assert torch.equal(g.get_state(), state) != finite
+    assert torch.allclose(seen["x0"], relative_to_gt) != finite
+
+
 def test_text_drop_uses_randn_by_default():
     m = make_model()
     g = torch.Generator().manual_seed(0)
@@ -394,3 +419,79 @@ def test_sampling_is_seeded_and_uses_the_tokenizer_callables():
     assert torch.allclose(img, a.tanh().add(1).mul(0.5))
     no_diff = m.autoregressive_infer_cfg(**kw, next_input_fn=fn, generator=torch.Generator().manual_seed(0), use_diffusion=False)
     assert no_diff.shape == a.shape
+
+
+def _sampler_kw(m: HARTForT2I) -> dict:
+    batch = make_batch(m)
+    # top-k below V at every scale, so the filtered (zero-probability) tokens are part of every draw
+    return dict(context=batch["context"], context_mask=batch["context_mask"], codebook=batch["codebook"],
+                next_input_fn=_next_input_fn(m.patch_nums), top_k=20, top_k_late=10, top_k_late_from=2)
+
+
+@pytest.mark.parametrize("more_smooth, top_p", [(False, 0.0), (False, 0.8), (True, 0.0)])
+def test_supplied_draws_replace_every_generator_draw(more_smooth, top_p):
+    m = make_model(patch_nums=(1, 2, 3, 4)).eval()
+    with torch.no_grad():  # off MAR's zero init, so the residual depends on the sampled last-scale token too
+        for p in m.diffloss.parameters():
+            p.normal_(std=0.2)
+    kw = dict(_sampler_kw(m), more_smooth=more_smooth, top_p=top_p)
+    default = m.autoregressive_infer_cfg(**kw, generator=torch.Generator().manual_seed(5))
+    draws = m.draw_sampling_randomness(2, "cpu", torch.Generator().manual_seed(5), more_smooth)
+    assert [tuple(q.shape) for q in draws.token_exp] == [(2, 1, 64), (2, 4, 64), (2, 9, 64), (2, 16, 64)]
+    assert (draws.gumbel_exp is not None) == more_smooth
+    assert tuple(draws.diff_noise.shape) == (2 * 16, 8) and tuple(draws.diff_step_noise.shape) == (8, 4 * 16, 8)
+    # the draws the seed gives reproduce its sample exactly, whatever the generator, which is not touched
+    outs = []
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        state = g.get_state()
+        outs.append(m.autoregressive_infer_cfg(**kw, generator=g, draws=draws))
+        assert torch.equal(g.get_state(), state)
+    assert torch.equal(outs[0], default) and torch.equal(outs[1], default)
+    rng = torch.random.get_rng_state()  # without a generator: the global RNG is not touched either
+    assert torch.equal(m.autoregressive_infer_cfg(**kw, draws=draws), default)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    other = m.draw_sampling_randomness(2, "cpu", torch.Generator().manual_seed(6), more_smooth)
+    assert not torch.equal(m.autoregressive_infer_cfg(**kw, draws=other), default)
+
+
+def test_token_draws_are_the_exp_draws_of_multinomial():
+    """The form of the token draws: for the Exp(1) draws q behind `torch.multinomial(probs, 1)`, the token
+    is argmax(probs / q); a replay of the VAR sampler's own calls on one generator matches it."""
+    m = make_model(patch_nums=(1, 2, 3, 4)).eval()
+    kw = _sampler_kw(m)
+    draws = m.draw_sampling_randomness(2, "cpu", torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    for pn, q in zip(m.patch_nums, draws.token_exp):
+        probs = torch.randn(2 * pn * pn, 64, generator=torch.Generator().manual_seed(pn)).mul(3).softmax(-1)
+        assert torch.equal(torch.multinomial(probs, 1, replacement=True, generator=g)[:, 0],
+                           (probs / q.reshape(-1, 64)).argmax(-1))
+    # only the diffusion noise given: the tokens still come from the generator, in the default order
+    diff_only = SampleDraws(diff_noise=draws.diff_noise, diff_step_noise=draws.diff_step_noise)
+    assert torch.equal(m.autoregressive_infer_cfg(**kw, generator=torch.Generator().manual_seed(0), draws=diff_only),
+                       m.autoregressive_infer_cfg(**kw, generator=torch.Generator().manual_seed(0)))
+    # only the token draws given, no diffusion: the generator is not needed
+    tokens_only = SampleDraws(token_exp=draws.token_exp)
+    a, b = (m.autoregressive_infer_cfg(**kw, generator=torch.Generator().manual_seed(s), draws=tokens_only,
+                                       use_diffusion=False) for s in (1, 2))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("change, message, use_diffusion", [
+    (lambda d: SampleDraws(token_exp=d.token_exp[:3]), r"token_exp holds 3 tensors, expected one per scale \(4\)", True),
+    (lambda d: SampleDraws(token_exp=[*d.token_exp[:2], d.token_exp[2][:, :4], d.token_exp[3]]),
+     r"token_exp\[2\] has shape \(2, 4, 64\), expected \(B, pn\^2, V\) = \(2, 9, 64\)", True),
+    (lambda d: SampleDraws(token_exp=[q[:1] for q in d.token_exp]), r"token_exp\[0\] has shape \(1, 1, 64\)", True),
+    (lambda d: SampleDraws(gumbel_exp=d.token_exp), "gumbel_exp is given but unused", True),
+    (lambda d: SampleDraws(diff_noise=d.diff_step_noise[0]), r"diff_noise has shape \(64, 8\), expected .* = \(32, 8\)", True),
+    (lambda d: SampleDraws(diff_step_noise=d.diff_step_noise[1:]), r"diff_step_noise has shape \(7, 64, 8\)", True),
+    (lambda d: d, r"diff_noise / diff_step_noise are given but unused: use_diffusion=False", False),
+])
+def test_misshapen_or_unused_draws_are_refused_before_sampling(change, message, use_diffusion):
+    m = make_model(patch_nums=(1, 2, 3, 4)).eval()
+    draws = m.draw_sampling_randomness(2, "cpu", torch.Generator().manual_seed(0))
+    calls = []
+    with pytest.raises(ValueError, match=message):
+        m.autoregressive_infer_cfg(**dict(_sampler_kw(m), next_input_fn=lambda *a: calls.append(a)), draws=change(draws),
+                                   use_diffusion=use_diffusion)
+    assert calls == []  # refused before the first scale

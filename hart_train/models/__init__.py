@@ -7,6 +7,7 @@ from .hart_t2i import (
     PRESETS,
     HARTConfig,
     HARTForT2I,
+    SampleDraws,
     TextCond,
     TrainDraws,
     hart_config,
@@ -15,6 +16,6 @@ from .hart_t2i import (
 )
 
 __all__ = [
-    "PRESETS", "DiffLoss", "GaussianDiffusion", "HARTConfig", "HARTForT2I", "KVCache", "SimpleMLPAdaLN",
+    "PRESETS", "DiffLoss", "GaussianDiffusion", "HARTConfig", "HARTForT2I", "KVCache", "SampleDraws", "SimpleMLPAdaLN",
     "TextCond", "TrainDraws", "hart_config", "load_official_state_dict", "official_state_dict",
 ]

@@ -125,17 +125,49 @@ class DiffLoss(nn.Module):
 
     @torch.no_grad()
     def sample(
-        self, z: torch.Tensor, temperature: float = 1.0, cfg: float | None = None, generator: torch.Generator | None = None
+        self, z: torch.Tensor, temperature: float = 1.0, cfg: float | None = None, generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None, step_noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Residuals (N, c) for conditions `z` (N, Z). With `cfg` set, `z` is [cond; uncond], the start noise
         is shared by the halves and the first half of the result is the guided sample (the second half only
-        carries the uncond variance channels along, as released)."""
-        if cfg is not None:
-            half = torch.randn((z.shape[0] // 2, self.in_channels), generator=generator, device=z.device)
-            noise = torch.cat([half, half], dim=0)
+        carries the uncond variance channels along, as released).
+
+        The draws come from `generator` unless given: `noise` is the start noise, (N/2, c) with `cfg` (the
+        rows shared by the halves) or (N, c) without; `step_noise` (steps, N, c) is the noise of each
+        denoising step in the order taken. `draw_sample_noise` returns the ones the generator would give."""
+        guided = cfg is not None
+        self.check_sample_noise(z.shape[0], guided, noise, step_noise)
+        if noise is None:
+            rows = z.shape[0] // 2 if guided else z.shape[0]
+            noise = torch.randn((rows, self.in_channels), generator=generator, device=z.device)
+        else:
+            noise = noise.to(device=z.device, dtype=torch.float32)
+        if guided:
+            noise = torch.cat([noise, noise], dim=0)
             fn, kwargs = self.net.forward_with_cfg, dict(c=z, cfg_scale=cfg)
         else:
-            noise = torch.randn((z.shape[0], self.in_channels), generator=generator, device=z.device)
             fn, kwargs = self.net.forward, dict(c=z)
-        x = self.gen_diffusion.p_sample_loop(fn, noise, kwargs, clip_denoised=True, temperature=temperature, generator=generator)
+        x = self.gen_diffusion.p_sample_loop(fn, noise, kwargs, clip_denoised=True, temperature=temperature,
+                                             generator=generator, step_noise=step_noise)
         return x * self.vae_scale
+
+    def draw_sample_noise(
+        self, num_rows: int, guided: bool, device=None, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise, step_noise) for `sample` on `num_rows` conditions: exactly the draws `sample` takes from
+        `generator` when they are not given (one randn per step, not one for all: the values differ)."""
+        c, steps = self.in_channels, self.gen_diffusion.num_timesteps
+        noise = torch.randn((num_rows // 2 if guided else num_rows, c), generator=generator, device=device)
+        step = [torch.randn((num_rows, c), generator=generator, device=device) for _ in range(steps)]
+        return noise, torch.stack(step)
+
+    def check_sample_noise(self, num_rows: int, guided: bool, noise: torch.Tensor | None, step_noise: torch.Tensor | None):
+        """A ValueError naming the tensor unless the given noise has the shapes `sample` draws."""
+        c, steps = self.in_channels, self.gen_diffusion.num_timesteps
+        want = (num_rows // 2 if guided else num_rows, c)
+        if noise is not None and tuple(noise.shape) != want:
+            halves = " (cfg: one row per cond/uncond pair)" if guided else ""
+            raise ValueError(f"diffusion start noise has shape {tuple(noise.shape)}, expected {want}{halves}")
+        if step_noise is not None and tuple(step_noise.shape) != (steps, num_rows, c):
+            raise ValueError(f"diffusion step noise has shape {tuple(step_noise.shape)}, expected "
+                             f"{(steps, num_rows, c)} (sampling steps, conditions, channels)")

@@ -8,7 +8,8 @@ computed on a frozen mean (IDDPM), and sampling runs a respaced chain ("8" steps
 Only that variant is implemented; there are no flags for the others. The schedule is computed in float64
 with numpy, as the reference does, and gathered per timestep as float32.
 
-Every random draw takes a `torch.Generator`. (The released sampler uses the global RNG.)
+Every random draw takes a `torch.Generator` (the released sampler uses the global RNG), and the sampler's
+step noise can be passed in instead.
 """
 
 from __future__ import annotations
@@ -170,13 +171,19 @@ class GaussianDiffusion:
         clip_denoised: bool = True,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        step_noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Ancestral sampling from `noise` over all kept timesteps, newest first; the step noise is scaled
-        by `temperature` and none is added at the final step."""
+        by `temperature` and none is added at the final step. The step noise is drawn from `generator`, one
+        `randn` of x's shape per step, unless `step_noise` (num_timesteps, N, c) gives it: row k for the
+        k-th step taken (the last row is drawn but unused, as in the reference)."""
         x = noise
-        for i in reversed(range(self.num_timesteps)):
+        for k, i in enumerate(reversed(range(self.num_timesteps))):
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
             mean, logvar, _ = self.p_mean_logvar(self._call(model, x, t, model_kwargs), x, t, clip_denoised)
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if step_noise is None:
+                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            else:
+                z = step_noise[k].to(x)
             x = mean + (float(i != 0) * torch.exp(0.5 * logvar)) * z * temperature
         return x

@@ -14,6 +14,7 @@ combination (CE + diff_weight * diffusion) is ours (hart#15).
 Decisions:
 - Every random draw comes from one `torch.Generator` (`draw_training_randomness`), so a run is a pure
   function of its seed; the draws can also be passed in, which is how a parity check feeds recorded ones.
+  The sampler does the same (`SampleDraws`, `draw_sampling_randomness`).
 - Attention is block-causal per scale without a mask (see attention.py); no `attn_bias_for_masking` or
   `lvl_1L` buffers exist here. `load_official_state_dict` drops them, `official_state_dict` regenerates
   them for the released code.
@@ -150,6 +151,26 @@ class TrainDraws:
     sampled_idx: torch.Tensor | None = None  # (B, k) last-scale tokens the residual is relative to
     diff_t: torch.Tensor | None = None  # (mul*B*k,)
     diff_noise: torch.Tensor | None = None  # (mul*B*k, Cv)
+
+
+@dataclass
+class SampleDraws:
+    """Every random quantity of one `autoregressive_infer_cfg` call, in the form torch itself draws it, so a
+    sample drawn by another implementation (the released code) replays here exactly from its recorded
+    draws. `None` fields are drawn inside from the generator, in the order the sampler takes them
+    (`draw_sampling_randomness`).
+
+    Tokens: `torch.multinomial(probs, 1)` is `argmax(probs / q)` with `q ~ Exp(1)` of the probabilities'
+    shape (torch's one-sample algorithm, one kernel for CPU, CUDA and MPS); `token_exp[si]` is that q for
+    scale si, over the filtered distribution's B*pn^2 rows.
+    `more_smooth`'s gumbel noise is `-log(q)` with `gumbel_exp[si]` as q (VAR's `gumbel_softmax_with_rng`).
+    Per-scale tensors are cast to the logits' dtype (fp32). The diffusion rows are b*n + token (n = pn_last^2),
+    the step noise's B*n cond rows first, then the uncond ones (as the released sampler lays them out)."""
+
+    token_exp: Sequence[torch.Tensor] | None = None  # S tensors (B, pn^2, V), Exp(1)
+    gumbel_exp: Sequence[torch.Tensor] | None = None  # S tensors (B, pn^2, V), Exp(1); more_smooth only
+    diff_noise: torch.Tensor | None = None  # (B*n, Cv) diffusion start noise, shared by the cond and uncond rows
+    diff_step_noise: torch.Tensor | None = None  # (steps, 2*B*n, Cv), row k for the k-th denoising step
 
 
 class HARTForT2I(nn.Module):
@@ -347,6 +368,8 @@ class HARTForT2I(nn.Module):
         idx = draws.sampled_idx
         if idx is None:
             last_logits = logits[:, -k:].detach()
+            # a host sync that stays: the draw below syncs anyway (its tie test, multinomial's checks), and the
+            # fallback must leave the generator untouched, which a select (torch.where) over both cannot
             if torch.isfinite(last_logits).all():
                 idx = sample_top_k_top_p(last_logits, cfg.train_top_k, cfg.train_top_p, generator)
             else:  # the released code falls back to the ground truth when sampling fails
@@ -373,6 +396,42 @@ class HARTForT2I(nn.Module):
         }
 
     # ------------------------------------------------------------------ inference
+    def draw_sampling_randomness(self, B: int, device, generator: torch.Generator | None = None,
+                                 more_smooth: bool = False, use_diffusion: bool = True) -> SampleDraws:
+        """The draws `autoregressive_infer_cfg` takes from `generator` for B images: passing them as
+        `draws` gives the same sample as passing the generator."""
+        V = self.config.vocab_size
+        token, gumbel = [], []
+        for pn in self.patch_nums:  # per scale the token draw, then the gumbel draw
+            token.append(torch.empty(B, pn * pn, V, device=device).exponential_(generator=generator))
+            if more_smooth:
+                gumbel.append(torch.empty(B, pn * pn, V, device=device).exponential_(generator=generator))
+        draws = SampleDraws(token, gumbel if more_smooth else None)
+        if use_diffusion:
+            rows = 2 * B * self.patch_nums[-1] ** 2
+            draws.diff_noise, draws.diff_step_noise = self.diffloss.draw_sample_noise(rows, True, device, generator)
+        return draws
+
+    def check_sample_draws(self, draws: SampleDraws, B: int, more_smooth: bool, use_diffusion: bool) -> None:
+        """A ValueError naming the field unless `draws` has the shapes the sampler draws for B images."""
+        if draws.gumbel_exp is not None and not more_smooth:
+            raise ValueError("SampleDraws.gumbel_exp is given but unused: gumbel noise is drawn only with more_smooth=True")
+        if not use_diffusion and (draws.diff_noise is not None or draws.diff_step_noise is not None):
+            raise ValueError("SampleDraws.diff_noise / diff_step_noise are given but unused: use_diffusion=False")
+        V, Cv, S = self.config.vocab_size, self.config.Cvae, self.num_scales
+        rows, steps = 2 * B * self.patch_nums[-1] ** 2, self.diffloss.gen_diffusion.num_timesteps
+        want = [("diff_noise", draws.diff_noise, (rows // 2, Cv), "(B*pn_last^2, Cv)"),
+                ("diff_step_noise", draws.diff_step_noise, (steps, rows, Cv), "(steps, 2*B*pn_last^2, Cv)")]
+        for name in ("token_exp", "gumbel_exp"):
+            per_scale = getattr(draws, name)
+            if per_scale is not None and len(per_scale) != S:
+                raise ValueError(f"SampleDraws.{name} holds {len(per_scale)} tensors, expected one per scale ({S})")
+            for si, t in enumerate(per_scale or ()):
+                want.append((f"{name}[{si}]", t, (B, self.patch_nums[si] ** 2, V), "(B, pn^2, V)"))
+        for name, t, shape, legend in want:
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(f"SampleDraws.{name} has shape {tuple(t.shape)}, expected {legend} = {shape}")
+
     @torch.no_grad()
     def forward_scale(self, si: int, x_BlC: torch.Tensor, text: TextCond, cache: KVCache) -> torch.Tensor:
         """One scale with the KV cache: si == 0 feeds the T text tokens, si > 0 the pn^2 inputs of scale si
@@ -409,13 +468,16 @@ class HARTForT2I(nn.Module):
         generator: torch.Generator | None = None,
         diffusion_temperature: float = 1.0,
         use_diffusion: bool = True,
+        draws: SampleDraws | None = None,
     ) -> torch.Tensor:
         """HART sampling (T2I:301-532) with CFG ramp t = cfg*si/(S-1) and logits (1+t)cond - t*uncond.
 
         `next_input_fn(si, f_hat, h_BChw) -> (f_hat, next_x_BChw)` (the tokenizer's bicubic-up, Phi,
         accumulate, area-down) and `fhat_to_img(f_hat) -> image in [-1, 1]` come from the tokenizer. Returns
         the image in [0, 1] if `fhat_to_img` is given, else f_hat (B, Cv, pn_last, pn_last). top-k is
-        `top_k` for si < `top_k_late_from` and `top_k_late` after, clamped to V; 0 disables.
+        `top_k` for si < `top_k_late_from` and `top_k_late` after, clamped to V; 0 disables. The random
+        draws come from `generator` except those `draws` gives (see `SampleDraws`); with all of them given
+        the generator is not touched.
 
         Differences from the released function, all deliberate: one `generator` drives every draw (the
         released diffusion noise comes from the global RNG); the diffusion always runs guided with scale t
@@ -424,6 +486,8 @@ class HARTForT2I(nn.Module):
         """
         c, S = self.config, self.num_scales
         B = context.shape[0]
+        draws = SampleDraws() if draws is None else draws
+        self.check_sample_draws(draws, B, more_smooth, use_diffusion)
         pos = positions_from_mask(context_mask) if context_position_ids is None else context_position_ids
         mask_u = torch.zeros_like(context_mask)
         mask_u[:, 0] = 1  # the released uncond branch: zero text, mask [1, 0, ...], positions 0
@@ -447,10 +511,11 @@ class HARTForT2I(nn.Module):
             logits = (1 + t) * logits[:B] - t * logits[B:]
             # the released sampler filters the logits in place, so the gumbel smoothing sees the filtered ones
             logits = filter_top_k_top_p(logits, top_k if si < top_k_late_from else top_k_late, top_p)
-            idx = sample_top_k_top_p(logits, 0, 0.0, generator)
+            idx = sample_filtered(logits, generator, None if draws.token_exp is None else draws.token_exp[si])
             if more_smooth:
                 tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-                emb = gumbel_softmax(logits.mul(1 + ratio), tau, generator) @ codebook.unsqueeze(0)
+                q = None if draws.gumbel_exp is None else draws.gumbel_exp[si]
+                emb = gumbel_softmax(logits.mul(1 + ratio), tau, generator, q) @ codebook.unsqueeze(0)
             else:
                 emb = F.embedding(idx, codebook)
             if not last:
@@ -460,7 +525,8 @@ class HARTForT2I(nn.Module):
             if use_diffusion:  # the residual, relative to the sampled token, no Phi on the last scale
                 z = self.decoder_norm(h + self.word_embed(F.embedding(idx, codebook).to(self.dtype)).repeat(2, 1, 1))
                 n = z.shape[1]
-                res = self.diffloss.sample(z.reshape(2 * B * n, -1), diffusion_temperature, cfg=t, generator=generator)
+                res = self.diffloss.sample(z.reshape(2 * B * n, -1), diffusion_temperature, cfg=t, generator=generator,
+                                           noise=draws.diff_noise, step_noise=draws.diff_step_noise)
                 emb = emb + res[: B * n].view(B, n, c.Cvae).to(emb.dtype)
             f_hat = f_hat + emb.transpose(1, 2).reshape(B, c.Cvae, pn, pn)
         return f_hat if fhat_to_img is None else fhat_to_img(f_hat).add(1).mul(0.5)
@@ -588,6 +654,18 @@ def sample_top_k_top_p(logits_BlV: torch.Tensor, top_k: int, top_p: float, gener
     return idx.view(B, l)
 
 
-def gumbel_softmax(logits: torch.Tensor, tau: float, generator=None) -> torch.Tensor:
-    g = -torch.empty_like(logits).exponential_(generator=generator).log()
-    return ((logits + g) / tau).softmax(dim=-1)
+def sample_filtered(logits_BlV: torch.Tensor, generator=None, exp_BlV: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, l) indices drawn from softmax(logits) (already filtered) with `torch.multinomial(probs, 1)`, or,
+    with `exp_BlV` given, the same computation on those Exp(1) draws: argmax(probs / q), which is what
+    multinomial computes for one sample with the q it draws from `generator`."""
+    if exp_BlV is None:
+        return sample_top_k_top_p(logits_BlV, 0, 0.0, generator)
+    B, l, V = logits_BlV.shape
+    probs = logits_BlV.reshape(-1, V).softmax(dim=-1)
+    return (probs / exp_BlV.reshape(-1, V).to(probs)).argmax(dim=-1).view(B, l)
+
+
+def gumbel_softmax(logits: torch.Tensor, tau: float, generator=None, exp: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax((logits + g) / tau) with gumbel noise g = -log(q), q ~ Exp(1) from `generator` or `exp`."""
+    q = torch.empty_like(logits).exponential_(generator=generator) if exp is None else exp.to(logits)
+    return ((logits + -q.log()) / tau).softmax(dim=-1)
