@@ -17,9 +17,16 @@ shard writer. Prints one JSON object.
   what the worker processes' setting costs (`loader_decode_over_bound_into_batches`) from what the
   reader's own work costs (`reader_over_loader_decode`);
 - `reader_local` / `reader_s3`: one `StreamingReader` each (`--workers` DataLoader workers), from the
-  local shards and from moto's S3 server (its own process on 127.0.0.1), read epoch after epoch.
+  local shards and from moto's S3 server (its own process on 127.0.0.1), read epoch after epoch;
+- `webdataset`: what a user would write instead: the vanilla `webdataset.WebDataset` pipeline over the
+  same local shards (shard shuffle, split by worker, a shuffle buffer of the reader's window, the
+  reader's per-sample decode `samples.decode_sample`, `.batched` with webdataset's collation, `.repeat()`),
+  in a plain DataLoader with the same workers, prefetch and batch size (torch's default conversion and
+  queue carry the batches). Local only: webdataset 1.0.2 opens no `s3://` URL itself.
+- `mosaicml-streaming` (StreamingDataset over MDS) is not measured: no release installs beside this
+  project's pins (`MOSAICML_STREAMING` below says why); the JSON repeats the reason.
 
-Method: all five run side by side and are timed in alternating steady-state segments of
+Method: all six run side by side and are timed in alternating steady-state segments of
 `--segment-batches` batches each, the order rotating every round, for `--rounds` rounds, split over
 `--generations` generations: each generation forks every kind's processes anew (pool, DataLoader
 workers, readers), then warms every kind up untimed by `max(--samples, workers x shuffle window)`
@@ -63,6 +70,7 @@ Targets: reader >= 0.85 of the bound, S3 >= 0.90 of local.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import multiprocessing as mp
@@ -84,8 +92,9 @@ from _common import free_port  # noqa: E402
 
 from data_tools import schema  # noqa: E402
 from data_tools.reader import ReaderConfig, StreamingReader, _as_is, _init_worker  # noqa: E402
-from data_tools.samples import RingReceiver, SharedBatchRing, decode_image  # noqa: E402
+from data_tools.samples import RingReceiver, SharedBatchRing, decode_image, decode_sample  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
+import webdataset as wds  # noqa: E402
 
 try:
     from data_tools.shard import shard_dataset
@@ -93,6 +102,13 @@ except ImportError:  # the shard writer is developed separately; the reader benc
     shard_dataset = None
 
 _POOL_SAMPLES: list[bytes] = []  # inherited by forked pool workers
+
+# `pip install --dry-run mosaicml-streaming` (0.13.0, the newest) would replace torch 2.13.0+cpu with
+# torch 2.14.1 and the CUDA 13 wheels (through its torchvision requirement), numpy 2.4.6 with 2.1.3 and
+# transformers 5.23.0 with 4.57.6; with this project's pins it does not resolve at all: every release
+# needs transformers<5, 0.11 on numpy<2.2, 0.4 and older torch<2. So it is neither installed nor declared.
+MOSAICML_STREAMING = ("not measured: no mosaicml-streaming release installs beside torch==2.13.0 (CPU), "
+                      "numpy==2.4.6 and transformers==5.23.0 (all need transformers<5; 0.11+ numpy<2.2)")
 
 
 def make_source(folder: str, count: int, seed: int = 0) -> None:
@@ -266,6 +282,38 @@ class LoaderKind(LoaderKindBase):
         self.loader_iter._shutdown_workers()  # noqa: SLF001
 
 
+def _decoded(resolution: int, sample: dict) -> dict | None:
+    """The reader's per-sample decode on a webdataset sample dict; None (dropped by `.map`) if bad."""
+    reason, good = decode_sample(sample["__key__"], sample, resolution)
+    if reason is not None:
+        return None
+    image, caption, key = good
+    return {"image": image, "caption": caption, "key": key}
+
+
+class WebDatasetKind(LoaderKindBase):
+    """The vanilla `webdataset.WebDataset` pipeline over the local shards, read epoch after epoch."""
+
+    def __init__(self, urls: list[str], resolution: int, workers: int, batch: int):
+        config = ReaderConfig()  # the reader's shuffle window and prefetch
+        dataset = (wds.WebDataset(urls, shardshuffle=len(urls), seed=0)
+                   .shuffle(config.shuffle_window)
+                   .map(functools.partial(_decoded, resolution))
+                   .batched(batch)
+                   .repeat())
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=config.prefetch_factor)
+        begin = time.perf_counter()
+        self.loader_iter = iter(loader)
+        self.batches = self.loader_iter
+        next(self.batches)
+        self.startup = time.perf_counter() - begin
+        self.untimed = workers * config.prefetch_factor
+        self.pids = [w.pid for w in self.loader_iter._workers]  # noqa: SLF001 - for their CPU
+
+    def close(self) -> None:
+        self.loader_iter._shutdown_workers()  # noqa: SLF001
+
+
 def run_live(kinds: dict, server_pid: int, rounds: range, segment_batches: int, settle: float) -> dict:
     """Alternate steady-state segments of every kind, one per round of `rounds` (numbered across
     generations), the order rotating by the round number;
@@ -375,11 +423,9 @@ def summarize(segments: dict) -> dict:
         out["rate"][name] = count / seconds
         cpu = {part: round(1000 * sum(s[2 + i] for s in segs) / count, 3) for i, part in enumerate(("workers", "main", "s3_server"))}
         out["cpu_ms_per_sample"][name] = cpu if name == "s3" else {k: v for k, v in cpu.items() if k != "s3_server"}
-    for name, segs in segments.items():
-        if name == "bound":
-            continue
-        ref = "local" if name == "s3" else "bound"
-        ratios = [(a[0] / a[1]) / (b[0] / b[1]) for a, b in zip(segs, segments[ref])]
+    pairs = [(name, "local" if name == "s3" else "bound") for name in segments if name != "bound"]
+    for name, ref in pairs + [("local", "webdataset")]:
+        ratios = [(a[0] / a[1]) / (b[0] / b[1]) for a, b in zip(segments[name], segments[ref])]
         q = statistics.quantiles(ratios, n=4)
         out["per_round"][f"{name}_over_{ref}"] = {"median": round(statistics.median(ratios), 3),
                                                   "quartiles": [round(q[0], 3), round(q[2], 3)]}
@@ -403,6 +449,8 @@ def run_generation(dataset: str, s3_url: str, server_pid: int, rounds: range, ar
         kinds["loader_decode"] = LoaderKind(n, args.resolution, args.workers, args.batch)
         kinds["local"] = ReaderKind(dataset, args.resolution, args.workers, args.batch)
         kinds["s3"] = ReaderKind(s3_url, args.resolution, args.workers, args.batch)
+        shards = [os.path.join(dataset, p) for p in sorted(os.listdir(dataset)) if p.endswith(".tar")]
+        kinds["webdataset"] = WebDatasetKind(shards, args.resolution, args.workers, args.batch)
         for kind in kinds.values():
             kind.warm_up(warm_up_samples(n, args.workers))
         loaders = {k: kind for k, kind in kinds.items() if isinstance(kind, LoaderKindBase)}
@@ -412,7 +460,7 @@ def run_generation(dataset: str, s3_url: str, server_pid: int, rounds: range, ar
         steady = {k: tuple(now - then for now, then in zip(kind.usage(), usage0[k])) for k, kind in loaders.items()}
         return {"segments": segments, "steady": steady, "steady_server_cpu": _proc_cpu(server_pid) - server0,
                 "slots": {k: max(kinds[k].reader.batch_slots().values()) for k in ("local", "s3")},
-                "startup": {k: kinds[k].startup for k in ("local", "s3")}}
+                "startup": {k: kinds[k].startup for k in ("local", "s3", "webdataset")}}
     finally:
         for kind in kinds.values():
             if isinstance(kind, LoaderKindBase):
@@ -432,20 +480,22 @@ def by_cpu(in_segments: dict, steady: dict, server_cpu: float) -> dict:
         server = server_cpu if name == "s3" else 0.0
         return 1000 * (cpu + server) / samples + in_segments[name]["main"]
 
-    ms = {name: round(total(name), 3) for name in ("bound", "local", "s3")}
+    ms = {name: round(total(name), 3) for name in ("bound", "local", "s3", "webdataset")}
     return {"steady_cpu_ms_per_sample": ms,
             "by_cpu": {"reader_over_decode_bound": round(ms["bound"] / ms["local"], 3),
-                       "s3_over_local": round(ms["local"] / ms["s3"], 3)}}
+                       "s3_over_local": round(ms["local"] / ms["s3"], 3),
+                       "reader_over_webdataset": round(ms["webdataset"] / ms["local"], 3)}}
 
 
 def per_generation(segments: dict, rounds: list[int]) -> dict:
-    """Each generation's (one set of processes') reader/bound, S3/local and loader_decode/bound."""
+    """Each generation's (one set of processes') reader/bound, S3/local, loader_decode/bound and
+    reader/webdataset."""
     def rate(name: str, lo: int, hi: int) -> float:
         segs = segments[name][lo:hi]
         return sum(s[0] for s in segs) / sum(s[1] for s in segs)
 
     pairs = {"local_over_bound": ("local", "bound"), "s3_over_local": ("s3", "local"),
-             "loader_decode_over_bound": ("loader_decode", "bound")}
+             "loader_decode_over_bound": ("loader_decode", "bound"), "local_over_webdataset": ("local", "webdataset")}
     out: dict = {name: [] for name in pairs}
     lo = 0
     for count in rounds:
@@ -523,6 +573,10 @@ def main(argv: list[str] | None = None) -> dict:
         "loader_decode_samples_per_s": round(rate["loader_decode"], 1),
         "loader_decode_over_bound_into_batches": round(rate["loader_decode"] / rate["bound_into_batches"], 3),
         "reader_over_loader_decode": round(rate["local"] / rate["loader_decode"], 3),
+        "webdataset_local_samples_per_s": round(rate["webdataset"], 1),
+        "webdataset_over_decode_bound": round(rate["webdataset"] / rate["bound"], 3),
+        "reader_over_webdataset": round(rate["local"] / rate["webdataset"], 3),
+        "mosaicml_streaming": MOSAICML_STREAMING,
         "per_round_ratios": summary["per_round"],
         "per_generation_ratios": per_generation(segments, generation_rounds),  # the spread shows how much of a figure is the machine
         "seconds_to_first_batch": startup,

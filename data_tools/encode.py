@@ -19,8 +19,9 @@ Design decisions:
   `decode_sample` decodes and resizes them exactly as training does). Bad source samples are skipped and
   counted. The order is therefore a pure function of the source manifest.
 - Memory is bounded by one batch: samples are streamed into the shard's tar as they are encoded.
-- Like `hart-data shard`: per-shard tar then `shard-NNNNNN.stats.json` (the done marker), manifest.json
-  last and atomically; `--resume` skips shards whose marker matches the options, `--overwrite` replaces.
+- Like `hart-data shard`, and with its tar writer (`shard.open_shard_tar`): per-shard tar then
+  `shard-NNNNNN.stats.json` (the done marker), manifest.json last and atomically; `--resume` skips
+  shards whose marker matches the options, `--overwrite` replaces.
 - The manifest's `options` record everything a trainer must match (tokenizer checkpoint and its weights'
   sha256, patch_nums, vocab, resolution, text encoder kind/path/max_length/system prompt/dtype, storage
   dtypes), under `format: "hart-tokens"`, so mismatching token shards can be refused.
@@ -54,7 +55,6 @@ from tokenizer.autoencoder import (HARTAutoEncoder, HARTAutoEncoderWithDisc, Tok
                                    load_weights_file)
 
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
-_MTIME = 0  # fixed member mtime: identical input gives identical tar bytes
 
 
 # ----------------------------------------------------------------------------- tokenizer checkpoint
@@ -227,7 +227,7 @@ def _idx_dtype(vocab_size: int):
 
 
 class _ShardEncoder:
-    """Images + captions of one batch -> per-sample tar members."""
+    """Images + captions of one batch -> token samples."""
 
     def __init__(self, tok: HARTAutoEncoder, text: TextEncoder, device: str, store_dtype: str, size: int):
         self.tok, self.text, self.device, self.size = tok, text, device, size
@@ -235,7 +235,9 @@ class _ShardEncoder:
         self.idx_dtype = _idx_dtype(tok.cfg.vocab_size)
 
     @torch.no_grad()
-    def members(self, images: list[np.ndarray], captions: list[str], keys: list[str]) -> list[tuple[str, bytes]]:
+    def members(self, images: list[np.ndarray], captions: list[str], keys: list[str]) -> list[dict]:
+        """The members of one batch's token samples: a webdataset sample dict ({"__key__": key, ext:
+        bytes}) per sample."""
         img_B3HW = to_unit_range(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous())
         idx_Bl, frest_BLC = self.tok.img_to_idxBl_and_frest(img_B3HW.to(self.device))
         idx_BL = torch.cat(idx_Bl, dim=1).cpu().numpy().astype(self.idx_dtype)
@@ -250,14 +252,11 @@ class _ShardEncoder:
                 "resolution": self.size, "idx_shape": list(idx_BL[b].shape), "idx_dtype": idx_BL.dtype.name,
                 "frest_shape": list(frest[b].shape), "ctx_shape": list(ctx[b].shape), "store_dtype": frest.dtype.name,
             }  # fmt: skip
-            out += [
-                (f"{key}.{EXT_IDX}", _npy(idx_BL[b])),
-                (f"{key}.{EXT_FREST}", _npy(frest[b])),
-                (f"{key}.{EXT_CTX}", _npy(ctx[b])),
-                (f"{key}.{EXT_MASK}", _npy(mask[b])),
-                (f"{key}.{schema.CAPTION_EXT}", captions[b].encode("utf-8")),
-                (f"{key}.{schema.META_EXT}", json.dumps(meta, sort_keys=True).encode("utf-8")),
-            ]
+            out.append({
+                "__key__": key, EXT_IDX: _npy(idx_BL[b]), EXT_FREST: _npy(frest[b]), EXT_CTX: _npy(ctx[b]),
+                EXT_MASK: _npy(mask[b]), schema.CAPTION_EXT: captions[b].encode("utf-8"),
+                schema.META_EXT: json.dumps(meta, sort_keys=True).encode("utf-8"),
+            })  # fmt: skip
         return out
 
     def _stored(self, x: torch.Tensor, what: str) -> np.ndarray:
@@ -281,16 +280,11 @@ def _encode_shard(out: str, index: int, samples: Iterator, encoder: _ShardEncode
     url = storage.join(out, schema.shard_name(index))
     skipped: dict[str, int] = {}
     num_samples = 0
-    with storage.atomic_open(url) as f:
-        sink = storage.HashingWriter(f)
-        with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for batch in _good_batches(samples, encoder.size, batch_size, skipped, bar):
-                for name, data in encoder.members(*batch):
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mtime, info.mode = len(data), _MTIME, 0o644  # reproducible bytes
-                    info.uname = info.gname = "hart"
-                    tar.addfile(info, io.BytesIO(data))
-                num_samples += len(batch[0])
+    with shard.open_shard_tar(url) as (tar, sink):
+        for batch in _good_batches(samples, encoder.size, batch_size, skipped, bar):
+            for sample in encoder.members(*batch):
+                tar.write(sample)
+            num_samples += len(batch[0])
     if num_samples == 0:
         storage.remove(url)
     stats = {

@@ -13,8 +13,10 @@ Design decisions:
 - Dedup runs in the parent, in source order, so the first occurrence wins and a rerun makes the
   same plans; that determinism is what makes `--resume` correct: a plan whose stats file exists and
   whose tar has the recorded size is skipped, the rest are redone.
-- Tars are byte-reproducible (fixed mtime/owner in every member header), so a resumed run gives the
-  same shard checksums as an uninterrupted one.
+- Tars are written by webdataset's `TarWriter` (`open_shard_tar`, also used by `hart-data encode`)
+  into `storage.atomic_open`, which keeps the atomicity, fsync and S3 upload semantics the library
+  does not have. They are byte-reproducible (fixed mtime/mode/owner in every member header), so a
+  resumed run gives the same shard checksums as an uninterrupted one.
 - A resumed run re-reads and re-hashes the whole source (the plans depend on dedup), but skips the
   decode/encode/upload of done shards, which is where the time goes.
 - A shard whose items were all filtered out gets a stats file but no tar, and no manifest entry.
@@ -27,17 +29,17 @@ Design decisions:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import json
 import multiprocessing
 import sys
-import tarfile
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+import webdataset as wds
 from tqdm import tqdm
 
 from data_tools import images, schema, sources, storage
@@ -287,26 +289,29 @@ def write_shard(job: ShardJob) -> dict:
     """Worker: process one plan's images, write the tar (if any survive) and then its stats file."""
     index = job.plan.index
     skips = SkipLog()
-    members: list[tuple[str, bytes]] = []
+    samples: list[dict] = []
     for item in job.plan.items:
         try:
             img = images.process_image(item.data, job.image_opts)
         except images.SkipImage as e:
             skips.add(item.source, e.reason, e.detail)
             continue
-        key = schema.sample_key(index, len(members) // 3)
         meta = {"width": img.width, "height": img.height, "orig_width": img.orig_width,
                 "orig_height": img.orig_height, "source": item.source, "sha256": item.sha256}  # fmt: skip
-        members.append((f"{key}.{job.image_opts.fmt}", img.data))
-        members.append((f"{key}.{schema.CAPTION_EXT}", item.caption.encode("utf-8")))
-        members.append((f"{key}.{schema.META_EXT}", json.dumps(meta, sort_keys=True).encode("utf-8")))
-    num_samples = len(members) // 3
+        samples.append({
+            "__key__": schema.sample_key(index, len(samples)), job.image_opts.fmt: img.data,
+            schema.CAPTION_EXT: item.caption.encode("utf-8"),
+            schema.META_EXT: json.dumps(meta, sort_keys=True).encode("utf-8"),
+        })  # fmt: skip
     tar_bytes, digest = 0, ""
-    if num_samples:
-        tar_bytes, digest = _write_tar(storage.join(job.out, schema.shard_name(index)), members)
+    if samples:
+        with open_shard_tar(storage.join(job.out, schema.shard_name(index))) as (tar, sink):
+            for sample in samples:
+                tar.write(sample)
+        tar_bytes, digest = sink.count, sink.hash.hexdigest()
     stats = {
         "index": index, "name": schema.shard_name(index), "num_items": len(job.plan.items),
-        "num_samples": num_samples, "num_skipped": len(job.plan.items) - num_samples,
+        "num_samples": len(samples), "num_skipped": len(job.plan.items) - len(samples),
         "skipped": dict(skips.counts), "skipped_items": skips.items, "bytes": tar_bytes, "sha256": digest,
         "options": job.options,
     }  # fmt: skip
@@ -314,19 +319,19 @@ def write_shard(job: ShardJob) -> dict:
     return stats
 
 
+@contextlib.contextmanager
+def open_shard_tar(url: str) -> Iterator[tuple[wds.TarWriter, storage.HashingWriter]]:
+    """(webdataset's `TarWriter`, the sink it writes through) for the shard tar `url`: pass each
+    sample to `write` as {"__key__": key, ext: bytes, ...}. The tar appears whole or not at all
+    (`storage.atomic_open`); after the block, the sink holds its byte count and sha256.
 
-
-def _write_tar(url: str, members: list[tuple[str, bytes]]) -> tuple[int, str]:
-    """Write members as a reproducible tar to `url` atomically; returns (bytes, sha256 hex)."""
+    Every header field that would otherwise vary is fixed (mtime 0, mode 0644, owner hart; uid and gid
+    stay 0), the writer puts a sample's members in extension order and stores the bytes as given
+    (`encoder=False`): the same samples give the same tar bytes."""
     with storage.atomic_open(url) as f:
         sink = storage.HashingWriter(f)
-        with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime, info.mode = len(data), _MTIME, 0o644
-                info.uname = info.gname = "hart"
-                tar.addfile(info, io.BytesIO(data))
-    return sink.count, sink.hash.hexdigest()
+        with wds.TarWriter(sink, encoder=False, mtime=_MTIME, mode=0o644, user="hart", group="hart") as tar:
+            yield tar, sink
 
 
 def _build_manifest(shard_stats: list[dict], options: dict, parent_skips: SkipLog) -> schema.Manifest:

@@ -6,7 +6,8 @@ A source spec is `KIND:LOCATION`:
     jsonl:FILE        one JSON object per line with a path and a caption field
     csv:FILE          a header row with a path and a caption column
     parquet:FILE      a path and a caption column
-    wds:URL           existing webdataset tars; brace patterns like s3://b/x/{00000..00009}.tar
+    wds:URL           existing webdataset tars, in webdataset's URL syntax (`expand_wds_urls`): brace
+                      patterns like s3://b/x/{00000..00009}.tar, several joined by `::`
     emoji             the offline demo set: Noto Color Emoji rendered with Pillow
 
 Design decisions:
@@ -20,6 +21,9 @@ Design decisions:
   the writer; a problem with the source as a whole (missing file, missing column) is a ValueError or
   FileNotFoundError before anything is written.
 - Captions are cleaned here (`clean_caption`), so an all-whitespace caption is "missing".
+- `wds:` URLs are expanded by webdataset itself; the tars are read with `tarfile`, grouping consecutive
+  members by key as webdataset does, but not with webdataset's grouper: it raises on a repeated member
+  name, and one malformed sample of someone else's tars must not end the whole job.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from braceexpand import braceexpand
+from webdataset.shardlists import expand_urls
 
 from data_tools import schema, storage
 
@@ -124,7 +128,7 @@ def check_source(kind: str, location: str) -> None:
         if not fs.isdir(root):
             raise FileNotFoundError(f"source folder not found: {location}")
     elif kind == "wds":
-        urls = list(braceexpand(location))
+        urls = expand_wds_urls(location)
         missing = [u for u in urls if not storage.exists(u)]
         if missing:
             raise FileNotFoundError(f"webdataset source: {len(missing)} of {len(urls)} tars not found, first {missing[0]}")
@@ -265,8 +269,19 @@ def _parquet_records(location: str, path_column: str, caption_column: str) -> It
                 row_index += 1
 
 
+def expand_wds_urls(spec: str) -> list[str]:
+    """The tar URLs of a `wds:` source, expanded as `webdataset.WebDataset` expands its URL string
+    (patterns joined by `::`, `${NAME}` from the environment variable WDS_NAME, then braces), so a
+    URL that works there works here."""
+    try:
+        return expand_urls(spec)
+    except (AssertionError, KeyError) as e:  # webdataset asserts that WDS_NAME is set
+        raise ValueError(f"webdataset source {spec!r}: each ${{NAME}} needs a WDS_NAME environment "
+                         f"variable ({e})") from None
+
+
 def _wds_records(pattern: str) -> Iterator[_Record]:
-    for url in braceexpand(pattern):
+    for url in expand_wds_urls(pattern):
         yield from _tar_records(url)
 
 
