@@ -181,3 +181,7 @@ class RunConfig:
                              "(only the t2i transformer does); set it false")
         if self.run.attention != "key_prefix" and self.stage != "t2i":
             raise ValueError(f"run.attention: the {self.stage} stage has no block-causal attention; leave it key_prefix")
+        if self.zero.stage == 3 and self.stage != "t2i":
+            raise ValueError(f"zero.stage: the {self.stage} stage trains under ZeRO stages 0-2 (its quantizer's outputs "
+                             "are not visible to ZeRO-3's parameter hooks, and its ~100M parameters need no "
+                             "partitioning); use 2")

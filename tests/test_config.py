@@ -99,9 +99,10 @@ def test_fp16_is_refused_with_a_reason():
 @pytest.mark.parametrize("override, message", [
     ("run.activation_checkpointing=true", "activation_checkpointing.*tokenizer-vq stage does not checkpoint"),
     ("run.attention=auto", "attention.*no block-causal attention"),
+    ("zero.stage=3", "zero.stage.*tokenizer-vq stage trains under ZeRO stages 0-2"),
 ])
 def test_t2i_only_settings_are_refused_on_a_tokenizer_stage(override, message):
-    """The tokenizer stages used to ignore these silently."""
+    """The tokenizer stages have no use for these: refused with a message, not ignored."""
     from pathlib import Path
 
     from hart_train.run_config import RunConfig

@@ -440,8 +440,8 @@ def _running(pid: int) -> bool:
 @pytest.mark.parametrize("how", ["return", "raise"])
 def test_interpreter_exit_with_a_live_iterator_stops_the_workers(local_ds, how):
     """Workers ignore SIGTERM (the trainer owns stop signals), so multiprocessing's exit handler, which
-    terminates and then joins them, used to wait forever when a script ended (or died of an uncaught
-    exception) with a reader's iterator still referenced."""
+    terminates and then joins them, would wait forever when a script ends (or dies of an uncaught
+    exception) with a reader's iterator still referenced, unless the reader's own exit hook closes it."""
     import subprocess
     import sys
 

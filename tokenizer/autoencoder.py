@@ -168,10 +168,6 @@ class HARTAutoEncoder(nn.Module):
         they enter; the quantizer works in fp32 (`MultiScaleQuantizer.codebook`), decoded images leave in fp32."""
         return self.quant_conv.weight.dtype
 
-    def get_last_layer(self) -> torch.Tensor:
-        """The decoder's last weight, for VQGAN's adaptive GAN weight."""
-        return self.decoder.conv_out.weight
-
     # ------------------------------------------------------------------ encode / decode
 
     def img_to_latent(self, img_B3HW: torch.Tensor) -> torch.Tensor:
@@ -212,10 +208,9 @@ class HARTAutoEncoder(nn.Module):
 class HARTAutoEncoderWithDisc(nn.Module):
     """The checkpointed unit: `vae` (HARTAutoEncoder) + `disc` (PatchGAN), keys `vae.*` / `disc.*`.
 
-    forward(img, criterion=..., step=..., mode="generator") runs the VAE and returns the generator loss dict
-    of `criterion` (a `tokenizer.losses.TokenizerCriterion`, kept outside this module so the perceptual net
-    never enters the state dict); mode="discriminator" takes `rec_B3HW` (the detached reconstruction of the
-    generator pass) and returns the discriminator loss dict. See TokenizerCriterion for the keys.
+    It has no forward of its own: inference uses `vae`; training runs the tokenizer stage's subclass
+    (`hart_train.stages.tokenizer_stage.TokenizerTrainModule`), whose forward returns the loss terms of
+    `tokenizer.losses.TokenizerCriterion`.
     """
 
     def __init__(self, cfg: TokenizerConfig):
@@ -223,28 +218,6 @@ class HARTAutoEncoderWithDisc(nn.Module):
         self.cfg = cfg
         self.vae = HARTAutoEncoder(cfg)
         self.disc = NLayerDiscriminator(in_channels=3, ndf=cfg.disc_ndf, n_layers=cfg.disc_n_layers)
-
-    def forward(
-        self,
-        img_B3HW: torch.Tensor,
-        *,
-        criterion: nn.Module,
-        step: int,
-        mode: str = "generator",
-        rec_B3HW: torch.Tensor | None = None,
-        skip_continuous_prob: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> dict:
-        if mode == "generator":
-            out = self.vae(img_B3HW, skip_continuous_prob=skip_continuous_prob, generator=generator)
-            losses = criterion.generator_losses(img_B3HW, out["rec"], out["vq_loss"], self.disc, self.vae.get_last_layer(), step)
-            losses.update(rec=out["rec"].detach(), idx_Bl=out["idx_Bl"], latent_BChw=out["latent_BChw"])
-            return losses
-        if mode == "discriminator":
-            if rec_B3HW is None:
-                raise ValueError("mode='discriminator' needs rec_B3HW (the generator pass's detached reconstruction)")
-            return criterion.discriminator_losses(img_B3HW, rec_B3HW.detach(), self.disc, step)
-        raise ValueError(f"mode must be 'generator' or 'discriminator', got {mode!r}")
 
 
 _OFFICIAL_CONFIG_KEYS = {

@@ -11,11 +11,14 @@ follow VQGAN/taming (VAR's tokenizer recipe), each switchable by config:
   distance = sum_k mean_hw( lins_k( (n(phi_k(x)) - n(phi_k(y)))^2 ) ), n = unit-normalise over channels,
   taps after the last ReLU of each stage, inputs shifted/scaled with LPIPS's constants. Negative lin weights
   are clamped at 0 so the distance is >= 0 (trained LPIPS weights are non-negative already).
-- GAN: hinge losses; the generator term is weighted by VQGAN's adaptive weight
-  ||grad_last nll|| / (||grad_last g|| + 1e-4), clamped to [0, adaptive_weight_max], times `disc_weight`, and is 0
-  before `disc_start_step` (the discriminator loss is multiplied by 0 there too, keeping its graph).
-- codebook usage: perplexity and used fraction from indices; `DeadCodeTracker` restarts codes unused for
-  `dead_code_steps` consecutive steps (see its docstring for what the trainer must do under data parallel).
+- GAN: PatchGAN hinge losses, trained in the same backward as the VAE (`TokenizerCriterion.forward`): the
+  discriminator's loss sees the reconstruction detached, so it moves only the discriminator; the generator's
+  adversarial term enters the VAE at the reconstruction (`generator_gan_term`), so it moves only the VAE.
+  Before `disc_start_step` neither term exists and the discriminator is not run. The adversarial term's
+  weight is VQGAN's balance taken at the reconstruction instead of at the decoder's last weight
+  (`adaptive_gan_weight`, and `generator_gan_term` for why).
+- codebook usage: perplexity and used fraction from the code hits; `DeadCodeTracker` finds codes unused for
+  `dead_code_steps` consecutive steps and `restart_codes` re-initialises them from encoder latents.
 
 Shape legend: B batch, C channels, H/W image size, V vocabulary, N rows.
 """
@@ -28,8 +31,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from tokenizer.quantizer import MultiScaleQuantizer
 
 
 @dataclass
@@ -81,16 +82,43 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_gan_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
-    """VQGAN's balance: ||d nll / d W_last|| / (||d g / d W_last|| + 1e-4), clamped, detached.
+def adaptive_gan_weight(grad_nll: torch.Tensor, grad_g: torch.Tensor, max_weight: float) -> torch.Tensor:
+    """||grad_nll|| / (||grad_g|| + 1e-4), clamped to [0, max_weight], detached: the balance of the adversarial
+    term against the reconstruction loss, from their gradients with respect to the reconstruction.
 
-    Returns 0 when no gradient can be taken (no grad mode, or the last layer is frozen).
+    VQGAN's rule is the same ratio of the gradients with respect to the decoder's last weight
+    (`decoder.conv_out.weight`), times `disc_weight`; here they are taken one step later, with respect to
+    that layer's output `rec`. The two are different numbers: d/dW is d/drec contracted with the last
+    layer's input activations, which need not scale both gradients alike. Both weigh how hard the two losses
+    pull on the decoder's output, with the same 1e-4, clamp and `disc_weight`. Why at `rec`:
+    `generator_gan_term`.
     """
-    if not (torch.is_grad_enabled() and last_layer.requires_grad and g_loss.requires_grad and nll_loss.requires_grad):
-        return torch.zeros((), device=nll_loss.device)
-    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+    return (grad_nll.norm() / (grad_g.norm() + 1e-4)).clamp(0, max_weight).detach()
+
+
+def generator_gan_term(gan_g: torch.Tensor, nll: torch.Tensor, rec: torch.Tensor, disc_weight: float,
+                       max_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(term, weight): the generator's adversarial loss for a backward that also trains the discriminator.
+
+    `gan_g` = hinge_g_loss(disc(rec)) and `nll` are functions of `rec`, the decoder's output. The term's value
+    is weight * gan_g (what is logged); its gradient is weight * g with g = d gan_g / d rec, and it enters
+    the graph at `rec`: g is taken with `torch.autograd.grad` (which fills no `.grad`, so the discriminator
+    gets nothing from it and no ZeRO reduction hook fires) and reaches the VAE through the surrogate
+    sum(rec * g), whose gradient with respect to rec is exactly g. So one backward trains the VAE on
+    nll + weight * gan_g and the discriminator on its own loss only.
+
+    weight = disc_weight * adaptive_gan_weight(d nll / d rec, g, max_weight), on this rank's micro-batch,
+    in fp32. Measuring the balance at `rec` rather than at the decoder's last weight reuses g, which the
+    surrogate needs anyway, costs one more `autograd.grad` through the loss terms only, and names no
+    parameter, so it does not depend on how ZeRO holds or reduces the decoder's weights (under ZeRO-3 the
+    last weight is an empty placeholder except while DeepSpeed holds it gathered).
+    """
+    (grad_g,) = torch.autograd.grad(gan_g, rec, retain_graph=True)
+    (grad_nll,) = torch.autograd.grad(nll, rec, retain_graph=True)
+    grad_g, grad_nll = grad_g.float(), grad_nll.float()
+    weight = disc_weight * adaptive_gan_weight(grad_nll, grad_g, max_weight)
+    surrogate = (rec.float() * grad_g).sum()
+    return weight * (gan_g.detach() + surrogate - surrogate.detach()), weight
 
 
 # --------------------------------------------------------------------------------- perceptual
@@ -161,7 +189,7 @@ class PerceptualLoss(nn.Module):
 
 
 class TokenizerCriterion(nn.Module):
-    """All tokenizer loss terms; the loss dicts are what the trainer logs and back-propagates.
+    """All tokenizer loss terms of one training step (`forward`).
 
     Not a part of the checkpointed model: it holds no trainable state (the perceptual net is frozen and
     reloaded from its file).
@@ -177,35 +205,37 @@ class TokenizerCriterion(nn.Module):
         )
 
     def gan_active(self, step: int) -> bool:
+        """Whether the GAN terms are on at `step` (0-based: the step after `step` completed ones)."""
         return self.cfg.disc_weight > 0 and step >= self.cfg.disc_start_step
 
-    def generator_losses(
-        self, img: torch.Tensor, rec: torch.Tensor, vq_loss: torch.Tensor, disc: nn.Module, last_layer: torch.Tensor, step: int
-    ) -> dict:
-        """Keys: loss (total to back-propagate into the VAE), recon, perceptual, vq, gan_g, gan_weight."""
-        cfg = self.cfg
-        recon = reconstruction_loss(rec, img, cfg.recon_loss)
-        zero = rec.new_zeros(())
-        perceptual = self.perceptual(rec, img).mean() if self.perceptual is not None else zero
-        nll = cfg.recon_weight * recon + cfg.perceptual_weight * perceptual
-        if self.gan_active(step):
-            gan_g = hinge_g_loss(disc(rec))
-            gan_weight = cfg.disc_weight * adaptive_gan_weight(nll, gan_g, last_layer, cfg.adaptive_weight_max)
-        else:
-            gan_g, gan_weight = zero, zero
-        total = nll + gan_weight * gan_g + vq_loss
-        return {"loss": total, "recon": recon, "perceptual": perceptual, "vq": vq_loss, "gan_g": gan_g, "gan_weight": gan_weight}
+    def forward(self, img: torch.Tensor, rec: torch.Tensor, vq_loss: torch.Tensor, disc: nn.Module,
+                with_gan: bool) -> dict:
+        """`loss` (to back-propagate) and the detached scalars recon, perceptual, vq and, `with_gan`, gan_g,
+        gan_weight, gan_d, logits_real, logits_fake (batch means).
 
-    def discriminator_losses(self, img: torch.Tensor, rec_detached: torch.Tensor, disc: nn.Module, step: int) -> dict:
-        """Keys: loss (hinge, times 0 before disc_start_step), logits_real, logits_fake (batch means)."""
-        logits_real = disc(img.detach())
-        logits_fake = disc(rec_detached.detach())
-        factor = 1.0 if self.gan_active(step) else 0.0
-        return {
-            "loss": factor * hinge_d_loss(logits_real, logits_fake),
-            "logits_real": logits_real.detach().mean(),
-            "logits_fake": logits_fake.detach().mean(),
-        }
+        loss = nll + vq_loss [+ generator term + gan_d], nll = recon_weight * recon + perceptual_weight *
+        perceptual. Without the GAN the discriminator is not run (it gets no gradient and its BatchNorm
+        statistics do not move). `rec` is in the VAE's dtype; every term is computed in fp32.
+        """
+        cfg = self.cfg
+        recon = reconstruction_loss(rec.float(), img, cfg.recon_loss)
+        zero = img.new_zeros(())
+        perceptual = self.perceptual(rec.float(), img).mean() if self.perceptual is not None else zero
+        nll = cfg.recon_weight * recon + cfg.perceptual_weight * perceptual
+        loss = nll + vq_loss
+        terms = {"recon": recon.detach(), "perceptual": perceptual.detach(), "vq": vq_loss.detach()}
+        if with_gan:
+            gan_g = hinge_g_loss(disc(rec).float())
+            generator_term, weight = generator_gan_term(gan_g, nll, rec, cfg.disc_weight, cfg.adaptive_weight_max)
+            # the discriminator sees the reconstruction detached: its loss moves only the discriminator
+            logits = disc(torch.cat([img.to(rec.dtype), rec.detach()])).float()
+            real, fake = logits.chunk(2)
+            gan_d = hinge_d_loss(real, fake)
+            terms.update(gan_g=gan_g.detach(), gan_weight=weight, gan_d=gan_d.detach(),
+                         logits_real=real.detach().mean(), logits_fake=fake.detach().mean())
+            loss = loss + (generator_term + gan_d)
+        terms["loss"] = loss
+        return terms
 
 
 # --------------------------------------------------------------------------------- codebook usage
@@ -217,27 +247,19 @@ def code_hits(idx_Bl: list[torch.Tensor], vocab_size: int) -> torch.Tensor:
     return flat.bincount(minlength=vocab_size).float()
 
 
-def codebook_usage(idx_Bl: list[torch.Tensor], vocab_size: int) -> dict:
-    """perplexity = exp(entropy of the code histogram); used_fraction = share of codes hit at least once."""
-    hits_V = code_hits(idx_Bl, vocab_size)
-    probs = hits_V / hits_V.sum()
+def codebook_usage(hits_V: torch.Tensor) -> dict:
+    """perplexity = exp(entropy of the code histogram `hits_V`); used_fraction = share of codes hit at least once."""
+    probs = hits_V / hits_V.sum().clamp_min(1)
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
     return {"perplexity": float(entropy.exp()), "used_fraction": float((hits_V > 0).float().mean())}
 
 
 class DeadCodeTracker:
-    """Counts, per code, the steps since it was last hit, and restarts codes dead for `dead_after_steps`.
+    """Counts, per code, the steps since it was last hit; `update` returns the codes dead for `dead_after_steps`.
 
-    Rule: after each training step, `step(hit_V, quantizer, latents_NC, generator)`; every code with
-    `dead_after_steps` or more consecutive steps without a hit is set to a random row of `latents_NC` (encoder
-    latents of the current batch, (N, Cvae), e.g. `out["latent_BChw"].permute(0, 2, 3, 1).reshape(-1, C)`),
-    and its counter restarts at 0. The trainer must, under data parallel:
-      1. all-reduce (sum) `hit_V = code_hits(idx_Bl, V)` so every rank sees the same hits;
-      2. pass the same `latents_NC` on every rank (all-gather them, or use rank 0's and broadcast);
-      3. use a CPU torch.Generator seeded identically on every rank (and checkpoint its state);
-      4. save/restore `state_dict()` with the run (it is not part of the model's state dict);
-      5. reset the optimizer state (Adam moments) of the restarted rows if it wants a clean restart.
-    Then every rank writes the same codebook and no extra synchronisation is needed.
+    The tokenizer stage calls `update` after each optimizer step with the hits summed over all ranks, so every
+    rank sees the same dead codes; it restarts them with `restart_codes` (rank 0's latents, a generator
+    seeded by (seed, step)) and checkpoints `state_dict()` with the run (it is not part of the model).
     """
 
     def __init__(self, vocab_size: int, dead_after_steps: int):
@@ -248,16 +270,13 @@ class DeadCodeTracker:
         self.steps_since_hit_V = torch.zeros(vocab_size, dtype=torch.long)
 
     def update(self, hit_V: torch.Tensor) -> torch.Tensor:
-        """Record one step's hits; returns the (V,) bool mask of dead codes."""
+        """Record one step's hits; returns the (V,) bool mask of the codes unused for `dead_after_steps`
+        consecutive steps, which are to be restarted now: their counters start again at 0."""
         hit = hit_V.detach().cpu() > 0
         self.steps_since_hit_V = torch.where(hit, torch.zeros_like(self.steps_since_hit_V), self.steps_since_hit_V + 1)
-        return self.steps_since_hit_V >= self.dead_after_steps
-
-    def step(self, hit_V: torch.Tensor, quantizer: MultiScaleQuantizer, latents_NC: torch.Tensor, generator: torch.Generator) -> int:
-        dead_V = self.update(hit_V)
-        num_restarted = quantizer.restart_codes(dead_V, latents_NC, generator)
+        dead_V = self.steps_since_hit_V >= self.dead_after_steps
         self.steps_since_hit_V[dead_V] = 0
-        return num_restarted
+        return dead_V
 
     def state_dict(self) -> dict:
         return {"steps_since_hit_V": self.steps_since_hit_V.clone(), "dead_after_steps": self.dead_after_steps}
@@ -269,3 +288,17 @@ class DeadCodeTracker:
         self.steps_since_hit_V = steps.clone().long()
         self.dead_after_steps = int(state["dead_after_steps"])
 
+
+@torch.no_grad()
+def restart_codes(codebook_VC: torch.Tensor, dead_V: torch.Tensor, latents_NC: torch.Tensor,
+                  generator: torch.Generator) -> torch.Tensor:
+    """In place: every code v with dead_V[v] becomes a row of `latents_NC` (encoder latents, (N, C)), drawn
+    uniformly with replacement by torch.randint on `generator` (a CPU generator); other codes are untouched.
+    Returns the restarted code indices. The same inputs and generator state give the same codebook, which is
+    how every rank writes the same one."""
+    if latents_NC.ndim != 2 or latents_NC.shape[1] != codebook_VC.shape[1] or latents_NC.shape[0] == 0:
+        raise ValueError(f"latents_NC must be (N>0, {codebook_VC.shape[1]}), got {tuple(latents_NC.shape)}")
+    dead_idx = torch.nonzero(dead_V).flatten()
+    rows = torch.randint(latents_NC.shape[0], (dead_idx.numel(),), generator=generator)
+    codebook_VC[dead_idx] = latents_NC[rows].to(codebook_VC)
+    return dead_idx

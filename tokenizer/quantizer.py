@@ -332,26 +332,6 @@ class MultiScaleQuantizer(nn.Module):
         f_hat.add_(h_BChw)
         return f_hat, f_hat
 
-    # ------------------------------------------------------------------------- codebook upkeep
-
-    @torch.no_grad()
-    def restart_codes(self, dead_V: torch.Tensor, latents_NC: torch.Tensor, generator: torch.Generator) -> int:
-        """Reset each code with dead_V[v] True to a random row of latents_NC; returns how many were reset.
-
-        Rows are drawn with replacement by torch.randint on `generator` (a CPU generator), so under data
-        parallel every rank writes the same codebook if it passes the same dead_V, the same latents_NC (e.g.
-        all-gathered) and an identically seeded generator. Codes not in dead_V are untouched.
-        """
-        dead_idx = torch.nonzero(dead_V.to(torch.bool).cpu()).flatten()
-        if dead_idx.numel() == 0:
-            return 0
-        if latents_NC.ndim != 2 or latents_NC.shape[1] != self.Cvae or latents_NC.shape[0] == 0:
-            raise ValueError(f"latents_NC must be (N>0, {self.Cvae}), got {tuple(latents_NC.shape)}")
-        rows = torch.randint(latents_NC.shape[0], (dead_idx.numel(),), generator=generator)
-        weight = self.embedding.weight
-        weight[dead_idx.to(weight.device)] = latents_NC[rows.to(latents_NC.device)].to(weight)
-        return int(dead_idx.numel())
-
     # ------------------------------------------------------------------------- loading
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

@@ -1,21 +1,17 @@
 """The tokenizer stages (`tokenizer-vq`, `tokenizer-hybrid`) on the shared runtime.
 
-One DeepSpeed engine trains one module holding `vae` and `disc` (exactly the official
-`HARTAutoEncoderWithDisc` keys), so ZeRO sharding, checkpointing and resume are the runtime's, not a
-second trainer's. GAN training in a single backward needs two things kept apart:
+One DeepSpeed engine trains one module, `TokenizerTrainModule`: the official `HARTAutoEncoderWithDisc`
+(`vae` + `disc`, its keys) whose forward returns the loss terms of `tokenizer.losses.TokenizerCriterion`,
+so ZeRO sharding, checkpointing and resume are the runtime's, not a second trainer's. The VAE and the
+discriminator train in that single backward: the discriminator's hinge loss sees the reconstruction
+detached, and the generator's adversarial term enters the VAE at the reconstruction through an autograd
+surrogate, so neither reaches the other's weights (`tokenizer.losses.generator_gan_term`). Its adaptive
+weight is VQGAN's balance measured at the reconstruction, not at the decoder's last weight (the rule, and
+why, in `tokenizer.losses.generator_gan_term`).
 
-* the discriminator's hinge loss sees the reconstruction detached, so it only moves `disc`;
-* the generator's adversarial term must move the VAE but not `disc`. Its gradient with respect to the
-  reconstruction, g = d(-D(rec))/d(rec), is taken with `torch.autograd.grad` (which fills no `.grad`
-  and fires no ZeRO reduction hook), and the VAE receives it through the surrogate `sum(rec * g)`,
-  whose gradient is exactly g.
-
-VQGAN's adaptive weight ||grad nll|| / ||grad g|| is measured with respect to the reconstruction (the
-decoder's output) instead of the decoder's last weight: under ZeRO-3 that weight is a partitioned
-placeholder outside the forward. Both are the same ratio up to the last layer's Jacobian.
-
-Dead-code restarts (optional) run after the optimizer step on every rank with all-reduced hits and rank
-0's latents, so all ranks write the same codebook (see `tokenizer.losses.DeadCodeTracker`).
+Dead-code restarts (optional) run after the optimizer step on every rank with all-reduced hits, rank 0's
+latents and a generator seeded by (seed, step), so all ranks write the same codebook
+(`tokenizer.losses.DeadCodeTracker`, `restart_codes`).
 """
 
 from __future__ import annotations
@@ -30,61 +26,29 @@ from data_tools.reader import ReaderConfig, StreamingReader
 from data_tools.samples import to_unit_range
 from hart_train import distributed as D
 from hart_train import zero_utils
-from tokenizer.autoencoder import HARTAutoEncoder
-from tokenizer.discriminator import NLayerDiscriminator
-from tokenizer.losses import (DeadCodeTracker, TokenizerCriterion, code_hits, hinge_d_loss, hinge_g_loss,
-                              reconstruction_loss)
+from tokenizer.autoencoder import HARTAutoEncoderWithDisc
+from tokenizer.losses import DeadCodeTracker, TokenizerCriterion, code_hits, codebook_usage, restart_codes
 from tokenizer.metrics import psnr, ssim
 
 
-class TokenizerTrainModule(nn.Module):
+class TokenizerTrainModule(HARTAutoEncoderWithDisc):
     """`vae` + `disc` with the official key names; forward returns the loss terms of one step."""
 
     def __init__(self, stage_cfg, skip_continuous_prob: float):
-        super().__init__()
-        self.vae = HARTAutoEncoder(stage_cfg.model)
-        self.disc = NLayerDiscriminator(in_channels=3, ndf=stage_cfg.model.disc_ndf,
-                                        n_layers=stage_cfg.model.disc_n_layers)
-        self.loss_cfg = stage_cfg.loss
+        super().__init__(stage_cfg.model)
         self.skip_continuous_prob = skip_continuous_prob
         # the perceptual net is frozen and reloaded from its file: keep it out of the state dict
         self._criterion = (TokenizerCriterion(stage_cfg.loss),)
 
     def forward(self, image: torch.Tensor, step: int, generator: torch.Generator) -> dict:
-        img = image
-        cfg, criterion = self.loss_cfg, self._criterion[0]
-        out = self.vae(img, skip_continuous_prob=self.skip_continuous_prob, generator=generator)
-        rec = out["rec"]  # in the VAE's dtype; every loss term is computed in fp32
-        recon = reconstruction_loss(rec.float(), img, cfg.recon_loss)
-        zero = img.new_zeros(())
-        perceptual = criterion.perceptual(rec.float(), img).mean() if criterion.perceptual is not None else zero
-        nll = cfg.recon_weight * recon + cfg.perceptual_weight * perceptual
-        loss = nll + out["vq_loss"]
-        terms = {"recon": recon.detach(), "perceptual": perceptual.detach(), "vq": out["vq_loss"].detach()}
-        if criterion.gan_active(step) and self.training:
-            loss = loss + self._gan_terms(img, rec, nll, terms)
-        terms["loss"] = loss
+        criterion = self._criterion[0]
+        out = self.vae(image, skip_continuous_prob=self.skip_continuous_prob, generator=generator)
+        # the GAN terms take gradients inside the forward: only in training, where a backward follows
+        with_gan = criterion.gan_active(step) and self.training
+        terms = criterion(image, out["rec"], out["vq_loss"], self.disc, with_gan)
         terms["idx_Bl"] = out["idx_Bl"]
         terms["latent_BChw"] = out["latent_BChw"]
         return terms
-
-    def _gan_terms(self, img, rec, nll, terms: dict) -> torch.Tensor:
-        cfg = self.loss_cfg
-        gan_g = hinge_g_loss(self.disc(rec).float())
-        (grad_g,) = torch.autograd.grad(gan_g, rec, retain_graph=True)
-        (grad_nll,) = torch.autograd.grad(nll, rec, retain_graph=True)
-        grad_g, grad_nll = grad_g.float(), grad_nll.float()
-        weight = (grad_nll.norm() / (grad_g.norm() + 1e-4)).clamp(0, cfg.adaptive_weight_max).detach()
-        weight = cfg.disc_weight * weight
-        # value: weight * gan_g (what is logged); gradient: weight * grad_g into the VAE only
-        surrogate = (rec.float() * grad_g).sum()
-        generator_term = weight * (gan_g.detach() + surrogate - surrogate.detach())
-        logits = self.disc(torch.cat([img.to(rec.dtype), rec.detach()])).float()
-        real, fake = logits.chunk(2)
-        gan_d = hinge_d_loss(real, fake)
-        terms.update(gan_g=gan_g.detach(), gan_weight=weight, gan_d=gan_d.detach(),
-                     logits_real=real.detach().mean(), logits_fake=fake.detach().mean())
-        return generator_term + gan_d
 
 
 class TokenizerStage:
@@ -101,7 +65,6 @@ class TokenizerStage:
         loss_cfg = self.stage_cfg.loss
         self.dead_codes = (DeadCodeTracker(self.stage_cfg.model.vocab_size, loss_cfg.dead_code_steps)
                            if loss_cfg.dead_code_steps > 0 else None)
-        self._last_outputs: dict = {}
         self._log: dict = {}
         self._eval_batches: list | None = None
 
@@ -114,12 +77,26 @@ class TokenizerStage:
         return module
 
     def load_init(self, module: nn.Module, path: str) -> None:
-        """Start from a previous stage's checkpoint (its consolidated `model.safetensors`)."""
-        state = load_file(f"{path.rstrip('/')}/model.safetensors")
-        missing, unexpected = module.load_state_dict(state, strict=False)
-        wanted = [k for k in missing if k.startswith(("vae.", "disc."))]
-        if wanted or unexpected:
-            raise ValueError(f"{path}: not a tokenizer checkpoint (missing {wanted[:3]}, unexpected {unexpected[:3]})")
+        """Start from a tokenizer checkpoint's consolidated `model.safetensors`, strictly: `vae.*` and `disc.*`
+        (a previous stage's), or `vae.*` alone (a VAE-only tokenizer, e.g. imported from an official export
+        that left a non-released discriminator out), whose discriminator then keeps its fresh
+        initialisation (said on stdout)."""
+        file = f"{path.rstrip('/')}/model.safetensors"
+        state = load_file(file)
+        if not any(k.startswith("vae.") for k in state):
+            raise ValueError(f"{file}: no `vae.*` weights, not a tokenizer checkpoint")
+        vae_only = not any(k.startswith("disc.") for k in state)
+        target = module.vae if vae_only else module
+        if vae_only:
+            state = {k[len("vae."):] if k.startswith("vae.") else k: v for k, v in state.items()}
+        try:
+            target.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{file} does not match this run's tokenizer.model: {e}") from None
+        if vae_only and D.is_main():
+            cfg = self.stage_cfg.model
+            print(f"run.init_from {path}: a VAE-only tokenizer; the VAE is loaded, the discriminator (ndf "
+                  f"{cfg.disc_ndf}, {cfg.disc_n_layers} layers) is freshly initialised", flush=True)
 
     # -------------------------------------------------------------- data
     def make_reader(self, rank: int, world_size: int) -> StreamingReader:
@@ -144,7 +121,7 @@ class TokenizerStage:
         hits = code_hits(outputs["idx_Bl"], V)
         if dist.is_initialized():
             dist.all_reduce(hits)
-        self._log = _usage_from_hits(hits)
+        self._log = {f"codebook/{k}": v for k, v in codebook_usage(hits).items()}
         if self.dead_codes is None or self.hybrid:
             return
         dead = self.dead_codes.update(hits.cpu())
@@ -154,13 +131,10 @@ class TokenizerStage:
         latents = D.broadcast_object(latents.cpu())
         codebook = module.vae.quantize.embedding.weight
         full = zero_utils.full_param(codebook)
-        dead_idx = torch.nonzero(dead).flatten()
         # identical on every rank (rank 0's latents, a generator seeded by (seed, step)): one codebook
         same_everywhere = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + step)
-        rows = torch.randint(latents.shape[0], (dead_idx.numel(),), generator=same_everywhere)
-        full[dead_idx] = latents[rows]
+        dead_idx = restart_codes(full, dead, latents, same_everywhere)
         zero_utils.set_full_param(codebook, full, reset_rows=dead_idx)
-        self.dead_codes.steps_since_hit_V[dead] = 0
         self._log["dead_codes_restarted"] = float(dead_idx.numel())
 
     def log_values(self) -> dict:
@@ -233,9 +207,3 @@ class TokenizerStage:
         grid = torch.cat(list(rows), dim=1)          # 3, B*H, 3W
         arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
         return {"reconstruction": arr}
-
-
-def _usage_from_hits(hits_V: torch.Tensor) -> dict:
-    probs = hits_V / hits_V.sum().clamp_min(1)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
-    return {"codebook/perplexity": float(entropy.exp()), "codebook/used_fraction": float((hits_V > 0).float().mean())}
