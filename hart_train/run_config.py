@@ -83,7 +83,7 @@ class OptimSection:
 
 @dataclass
 class ZeroSection:
-    stage: int = 3
+    stage: Optional[int] = None  # None: 3 for the t2i stage, 2 for the tokenizer stages
     offload_optimizer: bool = False
     offload_param: bool = False
     reduce_bucket_size: int = 5_000_000
@@ -95,7 +95,7 @@ class ZeroSection:
     max_reuse_distance: int = 1_000_000_000
 
     def __post_init__(self):
-        if self.stage not in (0, 1, 2, 3):
+        if self.stage not in (None, 0, 1, 2, 3):
             raise ValueError(f"stage must be 0, 1, 2 or 3, got {self.stage}")
 
 
@@ -181,6 +181,8 @@ class RunConfig:
                              "(only the t2i transformer does); set it false")
         if self.run.attention != "key_prefix" and self.stage != "t2i":
             raise ValueError(f"run.attention: the {self.stage} stage has no block-causal attention; leave it key_prefix")
+        if self.zero.stage is None:
+            self.zero.stage = 3 if self.stage == "t2i" else 2
         if self.zero.stage == 3 and self.stage != "t2i":
             raise ValueError(f"zero.stage: the {self.stage} stage trains under ZeRO stages 0-2 (its quantizer's outputs "
                              "are not visible to ZeRO-3's parameter hooks, and its ~100M parameters need no "
