@@ -12,6 +12,10 @@ query of scale s see the text and scales 0..s, so a segment of n queries ending 
 MFU figures (PaLM, Megatron); activation checkpointing recomputes the forward once more (4x) on the
 hardware, reported separately as `hardware_flops`. The frozen tokenizer and text encoder are not
 counted (they are not the model being trained; with token shards they do not run at all).
+
+An aspect-ratio bucket changes only lengths: `schedule` (the (h, w) grid of every scale, see
+models/buckets.py; None is the config's square `patch_nums`) sets the segments h*w and the last scale's
+h*w tokens that the dropping keeps a share of.
 """
 
 from __future__ import annotations
@@ -22,14 +26,21 @@ from dataclasses import dataclass
 import torch
 
 from hart_train.models.blocks import swiglu_hidden
+from hart_train.models.buckets import Schedule, as_schedule
 from hart_train.models.hart_t2i import HARTConfig
 
 
-def expected_kept_last(cfg: HARTConfig, samples: int = 20001) -> float:
+def _grids(cfg: HARTConfig, schedule: Schedule | None) -> Schedule:
+    return as_schedule(cfg.patch_nums if schedule is None else schedule)
+
+
+def expected_kept_last(cfg: HARTConfig, samples: int = 20001, schedule: Schedule | None = None) -> float:
     """Expected number of last-scale tokens kept by HART's dropping (hart_t2i.draw_training_randomness):
     the masked count is min(ceil(n * rate), n - last_scale_min_keep) with Python slice semantics, rate
-    ~ N(1, 0.25) truncated to [mask_ratio_min, 1]; the expectation is taken over evenly spaced quantiles."""
-    n = cfg.patch_nums[-1] ** 2
+    ~ N(1, 0.25) truncated to [mask_ratio_min, 1]; the expectation is taken over evenly spaced quantiles.
+    n is the last scale's h*w on `schedule` (None: the square patch_nums[-1]^2)."""
+    H, W = _grids(cfg, schedule)[-1]
+    n = H * W
     lo, hi, loc, scale = cfg.mask_ratio_min, 1.0, 1.0, 0.25
     a, b = torch.tensor((lo - loc) / scale, dtype=torch.float64), torch.tensor((hi - loc) / scale, dtype=torch.float64)
     ca, cb = torch.special.ndtr(a), torch.special.ndtr(b)
@@ -64,11 +75,12 @@ class SampleFlops:
         return self.train_step_flops + (blocks if activation_checkpointing else 0.0)
 
 
-def sample_flops(cfg: HARTConfig, kept_last: float | None = None) -> SampleFlops:
-    """Forward FLOPs of one training sample of `cfg` (see the module docstring)."""
+def sample_flops(cfg: HARTConfig, kept_last: float | None = None, schedule: Schedule | None = None) -> SampleFlops:
+    """Forward FLOPs of one training sample of `cfg` on `schedule` (None: square; see the module docstring)."""
     C, T, V, Cv = cfg.embed_dim, cfg.context_token, cfg.vocab_size, cfg.Cvae
-    k = expected_kept_last(cfg) if kept_last is None else kept_last
-    segments = [T] + [p * p for p in cfg.patch_nums[1:-1]] + [k]
+    grids = _grids(cfg, schedule)
+    k = expected_kept_last(cfg, schedule=grids) if kept_last is None else kept_last
+    segments = [T] + [h * w for h, w in grids[1:-1]] + [k]
     N = sum(segments)
     H = swiglu_hidden(C, cfg.mlp_ratio)
     per_token = 2 * (3 * C * C + C * C + 3 * C * H)     # qkv, proj, gate/up/down

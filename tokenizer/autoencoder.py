@@ -7,6 +7,10 @@ load into the official classes. Nothing else (losses, perceptual net, usage trac
 
 `TokenizerConfig` is a plain dataclass (the YAML config embeds it); `tokenizer_config(name)` gives the presets.
 Pixels are in [-1, 1]. The image side must be 2**(len(ch_mult)-1) * patch_nums[-1] (16 * 16 = 256 for hart-256).
+Non-square images: every `patch_nums` argument below also takes an aspect-ratio bucket's schedule of (h, w)
+grids (see quantizer.py); the image is then 16H x 16W px for the last grid (H, W), e.g.
+`img_to_idxBl_and_frest(img_B3HW, patch_nums=schedule)`, `idxBl_to_var_input(idx_Bl, schedule)`,
+`get_next_autoregressive_input(si, S, f_hat, h, patch_nums=schedule)`. The convolutions take any size.
 
 Shape legend: B batch, C channels (Cvae for latents), H/W image size, h/w latent size, L tokens.
 """

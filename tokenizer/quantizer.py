@@ -19,8 +19,13 @@ Hybrid training forward: after the S discrete scales, with probability 1 - skip_
 remaining residual is added, so the decoder sees the exact continuous latent, else the discrete-only f_hat.
 skip_continuous_prob=1 is exactly VAR's discrete VQ-VAE forward.
 
-Shape legend: B batch, C = Cvae latent channels, h/w latent size, pn patch side of a scale, L tokens,
-N = B*pn*pn rows, V vocabulary, S number of scales.
+Every `patch_nums` argument also takes a schedule of (h, w) grids, an aspect-ratio bucket's
+(`hart_train.models.buckets.bucket_schedule`): scale si is then h_si x w_si and the latent is the last
+grid's H x W, so an image 16H x 16W px. Square sides p mean (p, p); both forms run the same operations,
+so the square path is unchanged bit for bit. Indices are flattened in raster (row-major) order.
+
+Shape legend: B batch, C = Cvae latent channels, h/w latent size (a scale's grid where it says so), pn
+patch side of a scale, L tokens, N = B*pn*pn (B*h*w) rows, V vocabulary, S number of scales.
 """
 
 from __future__ import annotations
@@ -47,6 +52,19 @@ class Phi(nn.Conv2d):
         dt = h_BChw.dtype
         conv = self._conv_forward(h_BChw, self.weight.to(dt), None if self.bias is None else self.bias.to(dt))
         return h_BChw.mul(1 - self.resi_ratio) + conv.mul_(self.resi_ratio)
+
+
+def scale_grids(patch_nums) -> tuple[tuple[int, int], ...]:
+    """(h, w) of every scale from square sides (1, 2, 4) or from grids ((1, 1), (2, 3), (3, 5)). The
+    transformer's side validates a bucket's schedule (`hart_train.models.buckets.as_schedule`); the
+    tokenizer, a layer below, only reads it."""
+    grids = []
+    for p in patch_nums:
+        h, w = (p, p) if isinstance(p, (int, np.integer)) else p
+        if int(h) < 1 or int(w) < 1:
+            raise ValueError(f"patch_nums: scale grid {h}x{w} must be positive")
+        grids.append((int(h), int(w)))
+    return tuple(grids)
 
 
 def _phi_ticks(num_phi: int) -> np.ndarray:
@@ -149,31 +167,40 @@ class MultiScaleQuantizer(nn.Module):
         d_NV.addmm_(z_NC, e_VC.T, alpha=-2, beta=1)
         return d_NV.argmin(dim=1)
 
-    def _check_latent(self, f_BChw: torch.Tensor, patch_nums: tuple[int, ...]) -> None:
-        h, w = f_BChw.shape[-2:]
-        if h != patch_nums[-1] or w != patch_nums[-1]:
-            raise ValueError(f"latent is {h}x{w} but patch_nums[-1] is {patch_nums[-1]}: image size must be 16*{patch_nums[-1]}")
+    def _grids(self, patch_nums) -> tuple[tuple[int, int], ...]:
+        """The call's schedule as (h, w) grids: `patch_nums` (sides or grids), default the config's."""
+        return scale_grids(patch_nums or self.patch_nums)
 
-    def _embed_up(self, idx_Bl: torch.Tensor, pn: int, hw: int, contiguous: bool = True) -> torch.Tensor:
-        """Embed the pn x pn indices ((B, pn*pn) or flat (B*pn*pn,)) and bicubic-upsample to hw x hw (identity when pn == hw).
+    def _check_latent(self, f_BChw: torch.Tensor, grids: tuple[tuple[int, int], ...]) -> None:
+        h, w = f_BChw.shape[-2:]
+        H, W = grids[-1]
+        if h != H or w != W:
+            raise ValueError(f"latent is {h}x{w} but the last scale of patch_nums is {H}x{W}: "
+                             f"the image must be 16*{H} x 16*{W} px")
+
+    def _embed_up(self, idx_Bl: torch.Tensor, grid: tuple[int, int], size: tuple[int, int],
+                  contiguous: bool = True) -> torch.Tensor:
+        """Embed the h x w = `grid` indices ((B, h*w) or flat (B*h*w,)) and bicubic-upsample to `size` (H, W)
+        (identity when grid == size).
 
         The memory layout of the tensors fed to Phi and to the area pooling changes their rounding, so each path
         builds it as the official code does, to match it bit for bit: the training forward and the extractors
         permute (B, pn, pn, C) and make the upsampled map contiguous (contiguous=True); the teacher-forcing
         input and `embed_to_fhat` view (B, L, C) transposed and keep the upsampled layout (contiguous=False).
         """
+        h, w = grid
         if contiguous:
-            h_BChw = F.embedding(idx_Bl.reshape(-1, pn, pn), self.codebook()).permute(0, 3, 1, 2)
-            return F.interpolate(h_BChw, size=(hw, hw), mode="bicubic").contiguous()
-        B = idx_Bl.numel() // (pn * pn)
-        h_BChw = F.embedding(idx_Bl.reshape(B, pn * pn), self.codebook()).transpose(1, 2).view(B, self.Cvae, pn, pn)
-        return F.interpolate(h_BChw, size=(hw, hw), mode="bicubic")
+            h_BChw = F.embedding(idx_Bl.reshape(-1, h, w), self.codebook()).permute(0, 3, 1, 2)
+            return F.interpolate(h_BChw, size=size, mode="bicubic").contiguous()
+        B = idx_Bl.numel() // (h * w)
+        h_BChw = F.embedding(idx_Bl.reshape(B, h * w), self.codebook()).transpose(1, 2).view(B, self.Cvae, h, w)
+        return F.interpolate(h_BChw, size=size, mode="bicubic")
 
     def scale_contribution(self, idx_Bl: torch.Tensor, si: int, patch_nums=None, apply_phi: bool = True) -> torch.Tensor:
         """What scale si adds to f_hat: Phi_si(bicubic-up(e[idx])), (B, C, h, w)."""
-        patch_nums = tuple(patch_nums or self.patch_nums)
-        h_BChw = self._embed_up(idx_Bl, patch_nums[si], patch_nums[-1])
-        return self.phi(si, len(patch_nums))(h_BChw) if apply_phi else h_BChw
+        grids = self._grids(patch_nums)
+        h_BChw = self._embed_up(idx_Bl, grids[si], grids[-1])
+        return self.phi(si, len(grids))(h_BChw) if apply_phi else h_BChw
 
     # ----------------------------------------------------------------------- training forward
 
@@ -190,8 +217,8 @@ class MultiScaleQuantizer(nn.Module):
         coin is one draw per batch (torch.rand with `generator`, so it is reproducible and can be made
         identical across ranks by seeding the generator identically).
         """
-        patch_nums = tuple(patch_nums or self.patch_nums)
-        self._check_latent(f_BChw, patch_nums)
+        grids = self._grids(patch_nums)
+        self._check_latent(f_BChw, grids)
         kind = f_BChw.device.type
         with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext():
             f_BChw = f_BChw.float()
@@ -199,14 +226,14 @@ class MultiScaleQuantizer(nn.Module):
             f_no_grad = f_BChw.detach()
             f_rest = f_no_grad.clone()
             f_hat = torch.zeros_like(f_rest)
-            S = len(patch_nums)
+            S = len(grids)
             vq_loss = f_BChw.new_zeros(())
             idx_Bl: list[torch.Tensor] = []
-            for si, pn in enumerate(patch_nums):
-                rest_NC = F.interpolate(f_rest, size=(pn, pn), mode="area").permute(0, 2, 3, 1).reshape(-1, C)
+            for si, (ph, pw) in enumerate(grids):
+                rest_NC = F.interpolate(f_rest, size=(ph, pw), mode="area").permute(0, 2, 3, 1).reshape(-1, C)
                 idx_N = self.nearest_code(rest_NC)
-                idx_Bl.append(idx_N.reshape(B, pn * pn))
-                h_BChw = self.phi(si, S)(self._embed_up(idx_N, pn, h))
+                idx_Bl.append(idx_N.reshape(B, ph * pw))
+                h_BChw = self.phi(si, S)(self._embed_up(idx_N, (ph, pw), (h, w)))
                 f_hat = f_hat + h_BChw
                 f_rest = f_rest - h_BChw.detach()
                 vq_loss = vq_loss + F.mse_loss(f_hat.detach(), f_BChw).mul(self.beta) + F.mse_loss(f_hat, f_no_grad)
@@ -237,16 +264,16 @@ class MultiScaleQuantizer(nn.Module):
     @torch.no_grad()
     def f_to_idxBl_and_fhat(self, f_BChw: torch.Tensor, patch_nums=None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Indices and discrete f_hat as the training forward / official `f_to_idxBl_or_fhat` (Phi at every scale)."""
-        patch_nums = tuple(patch_nums or self.patch_nums)
-        self._check_latent(f_BChw, patch_nums)
+        grids = self._grids(patch_nums)
+        self._check_latent(f_BChw, grids)
         f_rest = f_BChw.detach().float().clone()
         f_hat = torch.zeros_like(f_rest)
         B, C, h, w = f_rest.shape
         idx_Bl = []
-        for si, pn in enumerate(patch_nums):
-            idx_N = self.nearest_code(F.interpolate(f_rest, size=(pn, pn), mode="area").permute(0, 2, 3, 1).reshape(-1, C))
-            idx_Bl.append(idx_N.reshape(B, pn * pn))
-            h_BChw = self.phi(si, len(patch_nums))(self._embed_up(idx_N, pn, h))
+        for si, (ph, pw) in enumerate(grids):
+            idx_N = self.nearest_code(F.interpolate(f_rest, size=(ph, pw), mode="area").permute(0, 2, 3, 1).reshape(-1, C))
+            idx_Bl.append(idx_N.reshape(B, ph * pw))
+            h_BChw = self.phi(si, len(grids))(self._embed_up(idx_N, (ph, pw), (h, w)))
             f_hat.add_(h_BChw)
             f_rest.sub_(h_BChw)
         return idx_Bl, f_hat
@@ -262,18 +289,18 @@ class MultiScaleQuantizer(nn.Module):
         f_rest_BLC = f - sum_{si < S-1} Phi_si(up(e[idx_si])), i.e. what the last scale (tokens + diffusion) must
         reconstruct. Phi is not applied at the last scale (HQ:164-166), which does not affect the outputs here.
         """
-        patch_nums = tuple(patch_nums or self.patch_nums)
-        self._check_latent(f_BChw, patch_nums)
+        grids = self._grids(patch_nums)
+        self._check_latent(f_BChw, grids)
         f_rest = f_BChw.detach().float().clone()
         B, C, h, w = f_rest.shape
-        S = len(patch_nums)
+        S = len(grids)
         idx_Bl = []
         f_rest_before_last = f_rest
-        for si, pn in enumerate(patch_nums):
-            idx_N = self.nearest_code(F.interpolate(f_rest, size=(pn, pn), mode="area").permute(0, 2, 3, 1).reshape(-1, C))
-            idx_Bl.append(idx_N.reshape(B, pn * pn))
+        for si, (ph, pw) in enumerate(grids):
+            idx_N = self.nearest_code(F.interpolate(f_rest, size=(ph, pw), mode="area").permute(0, 2, 3, 1).reshape(-1, C))
+            idx_Bl.append(idx_N.reshape(B, ph * pw))
             if si != S - 1:
-                f_rest = f_rest - self.phi(si, S)(self._embed_up(idx_N, pn, h))
+                f_rest = f_rest - self.phi(si, S)(self._embed_up(idx_N, (ph, pw), (h, w)))
             else:
                 f_rest_before_last = f_rest
         return idx_Bl, f_rest_before_last.permute(0, 2, 3, 1).reshape(B, h * w, C)
@@ -287,48 +314,47 @@ class MultiScaleQuantizer(nn.Module):
         phi_at_last=True matches the training forward / discrete reconstruction and the official
         `idxBl_to_fhat(same_shape=True, last_one=True)`; False matches HART's AR sampler (no Phi at the last scale).
         """
-        patch_nums = tuple(patch_nums or self.patch_nums)
-        S, hw = len(patch_nums), patch_nums[-1]
-        f_hat = torch.zeros(idx_Bl[0].shape[0], self.Cvae, hw, hw, device=idx_Bl[0].device, dtype=torch.float32)
+        grids = self._grids(patch_nums)
+        S, size = len(grids), grids[-1]
+        f_hat = torch.zeros(idx_Bl[0].shape[0], self.Cvae, *size, device=idx_Bl[0].device, dtype=torch.float32)
         for si, idx in enumerate(idx_Bl):
             # same layout handling as the official embed_to_fhat, so the result matches it bit for bit
-            h_BChw = self._embed_up(idx, patch_nums[si], hw, contiguous=False)
+            h_BChw = self._embed_up(idx, grids[si], size, contiguous=False)
             f_hat.add_(self.phi(si, S)(h_BChw) if phi_at_last or si != S - 1 else h_BChw)
         return f_hat
 
     @torch.no_grad()
     def idxBl_to_var_input(self, idx_Bl: list[torch.Tensor], patch_nums=None) -> torch.Tensor:
-        """Teacher-forcing input of the transformer (VQ:326-363): (B, sum(pn^2) - patch_nums[0]^2, C).
+        """Teacher-forcing input of the transformer (VQ:326-363): (B, sum(h*w) - h_0*w_0, C).
 
-        For si = 0..S-2, f_hat accumulates Phi_si(up(e[idx_si])) and is area-downsampled to patch_nums[si+1].
+        For si = 0..S-2, f_hat accumulates Phi_si(up(e[idx_si])) and is area-downsampled to scale si+1's grid.
         """
-        patch_nums = tuple(patch_nums or self.patch_nums)
-        S = len(patch_nums)
-        B, hw = idx_Bl[0].shape[0], patch_nums[-1]
-        f_hat = torch.zeros(B, self.Cvae, hw, hw, device=idx_Bl[0].device, dtype=torch.float32)
+        grids = self._grids(patch_nums)
+        S, size = len(grids), grids[-1]
+        B = idx_Bl[0].shape[0]
+        f_hat = torch.zeros(B, self.Cvae, *size, device=idx_Bl[0].device, dtype=torch.float32)
         next_scales = []
         for si in range(S - 1):
             # in place, so f_hat keeps its contiguous layout (the layout decides the area-pool's rounding)
-            f_hat.add_(self.phi(si, S)(self._embed_up(idx_Bl[si], patch_nums[si], hw, contiguous=False)))
-            pn_next = patch_nums[si + 1]
-            next_scales.append(F.interpolate(f_hat, size=(pn_next, pn_next), mode="area").reshape(B, self.Cvae, -1).transpose(1, 2))
+            f_hat.add_(self.phi(si, S)(self._embed_up(idx_Bl[si], grids[si], size, contiguous=False)))
+            next_BCl = F.interpolate(f_hat, size=grids[si + 1], mode="area").reshape(B, self.Cvae, -1)
+            next_scales.append(next_BCl.transpose(1, 2))
         return torch.cat(next_scales, dim=1)
 
     @torch.no_grad()
     def get_next_autoregressive_input(
         self, si: int, SN: int, f_hat: torch.Tensor, h_BChw: torch.Tensor, patch_nums=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """AR sampling step (HQ:183-207): add scale si's embedded tokens h_BChw (B, C, pn, pn) to f_hat in place.
+        """AR sampling step (HQ:183-207): add scale si's embedded tokens h_BChw (B, C, h, w) to f_hat in place.
 
-        Returns (f_hat, next input): the area-downsampled f_hat for scale si+1, or f_hat itself after the last
-        scale, which is added without Phi and without upsampling (h_BChw is already full size there).
+        Returns (f_hat, next input): the area-downsampled f_hat for scale si+1's grid, or f_hat itself after
+        the last scale, which is added without Phi and without upsampling (h_BChw is already full size
+        there). A bucket's sampler passes its schedule as `patch_nums`.
         """
-        patch_nums = tuple(patch_nums or self.patch_nums)
-        hw = patch_nums[-1]
+        grids = self._grids(patch_nums)
         if si != SN - 1:
-            f_hat.add_(self.phi(si, SN)(F.interpolate(h_BChw, size=(hw, hw), mode="bicubic")))
-            pn_next = patch_nums[si + 1]
-            return f_hat, F.interpolate(f_hat, size=(pn_next, pn_next), mode="area")
+            f_hat.add_(self.phi(si, SN)(F.interpolate(h_BChw, size=grids[-1], mode="bicubic")))
+            return f_hat, F.interpolate(f_hat, size=grids[si + 1], mode="area")
         f_hat.add_(h_BChw)
         return f_hat, f_hat
 

@@ -1,7 +1,8 @@
 """HART text-to-image transformer (`HARTForT2I`), weight-compatible with mit-han-lab/hart.
 
 Shape legend: B batch, T text tokens (context_token), Dt text width (context_dim), L image tokens over all
-scales (sum pn^2), k last-scale tokens kept, C width, V vocab, Cv latent channels (Cvae), S scales.
+scales (sum pn^2, or sum h*w on a bucket's schedule), k last-scale tokens kept, C width, V vocab, Cv latent
+channels (Cvae), S scales.
 
 Sequence: [T text tokens] + [scales 1..S-1 teacher-forcing inputs]; the 1x1 scale is predicted from the
 last text token, so the logits `[T-1:]` line up with the concatenated ground-truth indices. The text
@@ -19,6 +20,12 @@ Decisions:
   `lvl_1L` buffers exist here. `load_official_state_dict` drops them, `official_state_dict` regenerates
   them for the released code.
 - The tokenizer is not imported: the codebook (V, Cv) and the next-scale input function are arguments.
+- Aspect-ratio buckets (buckets.py): the training forward, `forward_logits`, the draws and the sampler
+  take `schedule`, the (h, w) token grid of every scale (`Bucket.schedule(patch_nums)`); None is the
+  config's square `patch_nums`, computed exactly as before. A schedule changes only lengths and
+  positions, never parameters: segment lengths h*w (block-causal attention), the last scale's h*w tokens
+  (token dropping, the diffusion head), 2D RoPE per axis (rope.py) and f_hat of H x W. The level
+  embedding is per scale index, so a schedule has the config's number of scales and starts at (1, 1).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from hart_train.zero_utils import modifying
 
 from .blocks import AdaLNBeforeHead, AdaLNSelfAttn, KVCache, RMSNorm, TimestepEmbedder, context_pooling
+from .buckets import Schedule, as_schedule
 from .diffloss import DiffLoss
 from .diffusion import space_timesteps
 from .rope import context_position_ids as positions_from_mask
@@ -164,7 +172,8 @@ class SampleDraws:
     shape (torch's one-sample algorithm, one kernel for CPU, CUDA and MPS); `token_exp[si]` is that q for
     scale si, over the filtered distribution's B*pn^2 rows.
     `more_smooth`'s gumbel noise is `-log(q)` with `gumbel_exp[si]` as q (VAR's `gumbel_softmax_with_rng`).
-    Per-scale tensors are cast to the logits' dtype (fp32). The diffusion rows are b*n + token (n = pn_last^2),
+    Per-scale tensors are cast to the logits' dtype (fp32). On a bucket's schedule pn^2 reads h*w (the
+    scale's tokens, raster order). The diffusion rows are b*n + token (n = pn_last^2),
     the step noise's B*n cond rows first, then the uncond ones (as the released sampler lays them out)."""
 
     token_exp: Sequence[torch.Tensor] | None = None  # S tensors (B, pn^2, V), Exp(1)
@@ -179,6 +188,7 @@ class HARTForT2I(nn.Module):
         self.config = cfg = config
         C = cfg.embed_dim
         self.patch_nums = cfg.patch_nums
+        self.grids = as_schedule(cfg.patch_nums)  # the square schedule as (h, w) grids
         self.num_scales = len(cfg.patch_nums)
         self.L = sum(p * p for p in cfg.patch_nums)
         self.grad_checkpointing = False
@@ -243,6 +253,18 @@ class HARTForT2I(nn.Module):
         return self.word_embed.weight.dtype
 
     # ------------------------------------------------------------------ shared pieces
+    def scale_grids(self, schedule: Schedule | None = None) -> Schedule:
+        """The (h, w) token grid of every scale: the config's square `patch_nums` when `schedule` is None,
+        else the schedule (square sides or (h, w) grids, e.g. `Bucket.schedule(patch_nums)`), which must
+        have the config's number of scales and start with the one-token (1, 1) scale."""
+        if schedule is None:
+            return self.grids
+        grids = as_schedule(schedule)
+        if len(grids) != self.num_scales or grids[0] != (1, 1):
+            raise ValueError(f"schedule {grids} must have {self.num_scales} scales (as patch_nums={self.patch_nums}) "
+                             "and start with (1, 1)")
+        return grids
+
     def prepare_text(self, context_BTDt, context_mask_BT, context_position_ids_BT=None) -> TextCond:
         cond = self.context_embed(self.context_norm(context_BTDt.to(self.dtype)))
         pos = positions_from_mask(context_mask_BT) if context_position_ids_BT is None else context_position_ids_BT
@@ -275,12 +297,17 @@ class HARTForT2I(nn.Module):
         context_position_ids_BT: torch.Tensor | None = None,
         keep_last_idx: torch.Tensor | None = None,
         drop_path_keep: torch.Tensor | None = None,
+        schedule: Schedule | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, TextCond]:
-        """Deterministic teacher-forcing pass. Returns logits (B, L', V) aligned with the ground truth
-        (L' = L, or fewer when `keep_last_idx` keeps k last-scale tokens), the final hidden states
-        (B, T + L' - 1, C) and the text condition."""
+        """Deterministic teacher-forcing pass on `schedule` (None: the square `patch_nums`). Returns logits
+        (B, L', V) aligned with the ground truth (L' = L, or fewer when `keep_last_idx` keeps k last-scale
+        tokens), the final hidden states (B, T + L' - 1, C) and the text condition."""
         cfg, S, T = self.config, self.num_scales, self.config.context_token
-        n_last = self.patch_nums[-1] ** 2
+        grids = self.scale_grids(schedule)
+        n_last, L = grids[-1][0] * grids[-1][1], sum(h * w for h, w in grids)
+        if x_BLCv_wo_first_l.shape[1] != L - 1:
+            raise ValueError(f"x_BLCv_wo_first_l has {x_BLCv_wo_first_l.shape[1]} tokens; the schedule {grids} "
+                             f"needs L - 1 = {L - 1} (the tokenizer's teacher-forcing input on the same schedule)")
         text = self.prepare_text(context_BTDt, context_mask_BT, context_position_ids_BT)
         x_img = x_BLCv_wo_first_l
         k = n_last
@@ -289,13 +316,13 @@ class HARTForT2I(nn.Module):
             last = torch.gather(x_img[:, -n_last:], 1, keep_last_idx[..., None].expand(-1, -1, cfg.Cvae))
             x_img = torch.cat((x_img[:, :-n_last], last), dim=1)
         x = torch.cat((text.cond_BTC, self.word_embed(x_img.to(self.dtype))), dim=1)
-        seg_lens = [T] + [p * p for p in self.patch_nums[1:-1]] + [k]
+        seg_lens = [T] + [h * w for h, w in grids[1:-1]] + [k]
         lvl = torch.repeat_interleave(torch.arange(S, device=x.device), torch.tensor(seg_lens, device=x.device),
                                       output_size=x.shape[1])  # a known size: no host sync
         x = x + self.level_embeddings()[lvl]
 
         cos_t, sin_t = rope_1d(text.position_ids_BT, cfg.embed_dim // cfg.num_heads)
-        pos_img = image_positions(self.patch_nums, range(1, S), text.position_ids_BT[:, -1], keep_last_idx)
+        pos_img = image_positions(grids, range(1, S), text.position_ids_BT[:, -1], keep_last_idx)
         cos_i, sin_i = rope_2d(pos_img, cfg.embed_dim // cfg.num_heads)
         cos, sin = torch.cat((cos_t, cos_i), dim=1), torch.cat((sin_t, sin_i), dim=1)
 
@@ -304,10 +331,13 @@ class HARTForT2I(nn.Module):
         # pooled, so a row's logits do not depend on the others, and no (L, V) gradient is scattered back
         return self.get_logits(h[:, T - 1:], text.cond_BTC), h, text
 
-    def draw_training_randomness(self, B: int, device, generator: torch.Generator | None = None) -> TrainDraws:
-        """Kept last-scale positions (a random order, a truncnorm mask rate), the text drop and drop path."""
+    def draw_training_randomness(self, B: int, device, generator: torch.Generator | None = None,
+                                 schedule: Schedule | None = None) -> TrainDraws:
+        """Kept last-scale positions (a random order, a truncnorm mask rate) among the h*w tokens of the
+        schedule's last scale, the text drop and drop path."""
         cfg = self.config
-        n = self.patch_nums[-1] ** 2
+        H, W = self.scale_grids(schedule)[-1]
+        n = H * W
         orders = torch.rand(B, n, generator=generator, device=device).argsort(dim=1)
         rate = truncnorm_sample(cfg.mask_ratio_min, 1.0, 1.0, 0.25, generator, device)
         num_masked = min(math.ceil(n * rate), n - cfg.last_scale_min_keep)
@@ -339,26 +369,34 @@ class HARTForT2I(nn.Module):
         context_position_ids: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         draws: TrainDraws | None = None,
+        schedule: Schedule | None = None,
     ) -> dict[str, torch.Tensor]:
         """Training forward. `context` (B, T, Dt), `context_mask` (B, T), `x_BLCv_wo_first_l` (B, L-1, Cv),
         `gt_idx` (B, L) or per-scale [(B, pn^2)], `f_rest_last` (B, pn_last^2, Cv) = the residual before the
-        last discrete stage, `codebook` (V, Cv). Returns `loss` (= ce + diff_weight * diff_loss), `ce` (mean
-        over kept tokens), `acc`, `ce_per_scale` / `acc_per_scale` (S,), `diff_loss` (= diff_mse + diff_vb),
+        last discrete stage, `codebook` (V, Cv); on a bucket's `schedule` pn^2 reads h*w (the tokenizer's
+        outputs on the same schedule). Returns `loss` (= ce + diff_weight * diff_loss), `ce` (mean over kept
+        tokens), `acc`, `ce_per_scale` / `acc_per_scale` (S,), `diff_loss` (= diff_mse + diff_vb),
         `diff_mse`, `diff_vb` and `num_kept_last`."""
         cfg = self.config
         B, device = context.shape[0], context.device
+        grids = self.scale_grids(schedule)
         gt_BL = torch.cat(list(gt_idx), dim=1) if not torch.is_tensor(gt_idx) else gt_idx
+        n_last, L = grids[-1][0] * grids[-1][1], sum(ph * pw for ph, pw in grids)
+        if gt_BL.shape[1] != L or f_rest_last.shape[1] != n_last:
+            raise ValueError(f"gt_idx has {gt_BL.shape[1]} tokens and f_rest_last {f_rest_last.shape[1]}; the schedule "
+                             f"{grids} needs {L} and {n_last}")
         if draws is None:
-            draws = self.draw_training_randomness(B, device, generator)
-        keep_idx, n_last = draws.keep_last_idx, self.patch_nums[-1] ** 2
+            draws = self.draw_training_randomness(B, device, generator, grids)
+        keep_idx = draws.keep_last_idx
         k = keep_idx.shape[1]
         context = context * (~draws.drop_text).to(context.dtype)[:, None, None]
 
-        logits, h, _ = self.forward_logits(context, context_mask, x_BLCv_wo_first_l, context_position_ids, keep_idx, draws.drop_path_keep)
+        logits, h, _ = self.forward_logits(context, context_mask, x_BLCv_wo_first_l, context_position_ids, keep_idx,
+                                           draws.drop_path_keep, grids)
         gt = torch.cat((gt_BL[:, :-n_last], torch.gather(gt_BL[:, -n_last:], 1, keep_idx)), dim=1)
         ce_tok = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), gt.reshape(-1), reduction="none").view(B, -1)
         correct = (logits.argmax(-1) == gt).float()
-        seg = [p * p for p in self.patch_nums[:-1]] + [k]
+        seg = [ph * pw for ph, pw in grids[:-1]] + [k]
         ce_per_scale = torch.stack([c.mean() for c in ce_tok.split(seg, dim=1)])
         acc_per_scale = torch.stack([c.mean() for c in correct.split(seg, dim=1)])
 
@@ -397,29 +435,34 @@ class HARTForT2I(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def draw_sampling_randomness(self, B: int, device, generator: torch.Generator | None = None,
-                                 more_smooth: bool = False, use_diffusion: bool = True) -> SampleDraws:
-        """The draws `autoregressive_infer_cfg` takes from `generator` for B images: passing them as
-        `draws` gives the same sample as passing the generator."""
+                                 more_smooth: bool = False, use_diffusion: bool = True,
+                                 schedule: Schedule | None = None) -> SampleDraws:
+        """The draws `autoregressive_infer_cfg` takes from `generator` for B images on `schedule`: passing
+        them as `draws` gives the same sample as passing the generator."""
         V = self.config.vocab_size
+        grids = self.scale_grids(schedule)
         token, gumbel = [], []
-        for pn in self.patch_nums:  # per scale the token draw, then the gumbel draw
-            token.append(torch.empty(B, pn * pn, V, device=device).exponential_(generator=generator))
+        for h, w in grids:  # per scale the token draw, then the gumbel draw
+            token.append(torch.empty(B, h * w, V, device=device).exponential_(generator=generator))
             if more_smooth:
-                gumbel.append(torch.empty(B, pn * pn, V, device=device).exponential_(generator=generator))
+                gumbel.append(torch.empty(B, h * w, V, device=device).exponential_(generator=generator))
         draws = SampleDraws(token, gumbel if more_smooth else None)
         if use_diffusion:
-            rows = 2 * B * self.patch_nums[-1] ** 2
+            rows = 2 * B * grids[-1][0] * grids[-1][1]
             draws.diff_noise, draws.diff_step_noise = self.diffloss.draw_sample_noise(rows, True, device, generator)
         return draws
 
-    def check_sample_draws(self, draws: SampleDraws, B: int, more_smooth: bool, use_diffusion: bool) -> None:
-        """A ValueError naming the field unless `draws` has the shapes the sampler draws for B images."""
+    def check_sample_draws(self, draws: SampleDraws, B: int, more_smooth: bool, use_diffusion: bool,
+                           schedule: Schedule | None = None) -> None:
+        """A ValueError naming the field unless `draws` has the shapes the sampler draws for B images on
+        `schedule`."""
         if draws.gumbel_exp is not None and not more_smooth:
             raise ValueError("SampleDraws.gumbel_exp is given but unused: gumbel noise is drawn only with more_smooth=True")
         if not use_diffusion and (draws.diff_noise is not None or draws.diff_step_noise is not None):
             raise ValueError("SampleDraws.diff_noise / diff_step_noise are given but unused: use_diffusion=False")
         V, Cv, S = self.config.vocab_size, self.config.Cvae, self.num_scales
-        rows, steps = 2 * B * self.patch_nums[-1] ** 2, self.diffloss.gen_diffusion.num_timesteps
+        grids = self.scale_grids(schedule)
+        rows, steps = 2 * B * grids[-1][0] * grids[-1][1], self.diffloss.gen_diffusion.num_timesteps
         want = [("diff_noise", draws.diff_noise, (rows // 2, Cv), "(B*pn_last^2, Cv)"),
                 ("diff_step_noise", draws.diff_step_noise, (steps, rows, Cv), "(steps, 2*B*pn_last^2, Cv)")]
         for name in ("token_exp", "gumbel_exp"):
@@ -427,20 +470,21 @@ class HARTForT2I(nn.Module):
             if per_scale is not None and len(per_scale) != S:
                 raise ValueError(f"SampleDraws.{name} holds {len(per_scale)} tensors, expected one per scale ({S})")
             for si, t in enumerate(per_scale or ()):
-                want.append((f"{name}[{si}]", t, (B, self.patch_nums[si] ** 2, V), "(B, pn^2, V)"))
+                want.append((f"{name}[{si}]", t, (B, grids[si][0] * grids[si][1], V), "(B, pn^2, V)"))
         for name, t, shape, legend in want:
             if t is not None and tuple(t.shape) != shape:
                 raise ValueError(f"SampleDraws.{name} has shape {tuple(t.shape)}, expected {legend} = {shape}")
 
     @torch.no_grad()
-    def forward_scale(self, si: int, x_BlC: torch.Tensor, text: TextCond, cache: KVCache) -> torch.Tensor:
-        """One scale with the KV cache: si == 0 feeds the T text tokens, si > 0 the pn^2 inputs of scale si
-        (already embedded, see `embed_scale_input`). Returns the final hidden states (B, l, C)."""
+    def forward_scale(self, si: int, x_BlC: torch.Tensor, text: TextCond, cache: KVCache,
+                      schedule: Schedule | None = None) -> torch.Tensor:
+        """One scale with the KV cache: si == 0 feeds the T text tokens, si > 0 the h*w inputs of scale si
+        of `schedule` (already embedded, see `embed_scale_input`). Returns the final hidden states (B, l, C)."""
         hd = self.config.embed_dim // self.config.num_heads
         if si == 0:
             cos, sin = rope_1d(text.position_ids_BT, hd)
         else:
-            cos, sin = rope_2d(image_positions(self.patch_nums, [si], text.position_ids_BT[:, -1]), hd)
+            cos, sin = rope_2d(image_positions(self.scale_grids(schedule), [si], text.position_ids_BT[:, -1]), hd)
         return self._run_blocks(x_BlC, text.pooled_BC, cos, sin, cache=cache)
 
     def embed_scale_input(self, si: int, x_BlCv: torch.Tensor, lvl_SC: torch.Tensor | None = None) -> torch.Tensor:
@@ -469,12 +513,16 @@ class HARTForT2I(nn.Module):
         diffusion_temperature: float = 1.0,
         use_diffusion: bool = True,
         draws: SampleDraws | None = None,
+        schedule: Schedule | None = None,
     ) -> torch.Tensor:
         """HART sampling (T2I:301-532) with CFG ramp t = cfg*si/(S-1) and logits (1+t)cond - t*uncond.
 
         `next_input_fn(si, f_hat, h_BChw) -> (f_hat, next_x_BChw)` (the tokenizer's bicubic-up, Phi,
         accumulate, area-down) and `fhat_to_img(f_hat) -> image in [-1, 1]` come from the tokenizer. Returns
-        the image in [0, 1] if `fhat_to_img` is given, else f_hat (B, Cv, pn_last, pn_last). top-k is
+        the image in [0, 1] if `fhat_to_img` is given, else f_hat (B, Cv, pn_last, pn_last). `schedule`
+        (None: the square `patch_nums`) samples a bucket: scale si is h x w (h_BChw has that shape), f_hat
+        is (B, Cv, H, W) and the image 16H x 16W; `next_input_fn` must step on the same schedule
+        (`tokenizer.get_next_autoregressive_input(si, S, f_hat, h, patch_nums=schedule)`). top-k is
         `top_k` for si < `top_k_late_from` and `top_k_late` after, clamped to V; 0 disables. The random
         draws come from `generator` except those `draws` gives (see `SampleDraws`); with all of them given
         the generator is not touched.
@@ -486,8 +534,9 @@ class HARTForT2I(nn.Module):
         """
         c, S = self.config, self.num_scales
         B = context.shape[0]
+        grids = self.scale_grids(schedule)
         draws = SampleDraws() if draws is None else draws
-        self.check_sample_draws(draws, B, more_smooth, use_diffusion)
+        self.check_sample_draws(draws, B, more_smooth, use_diffusion, grids)
         pos = positions_from_mask(context_mask) if context_position_ids is None else context_position_ids
         mask_u = torch.zeros_like(context_mask)
         mask_u[:, 0] = 1  # the released uncond branch: zero text, mask [1, 0, ...], positions 0
@@ -496,15 +545,15 @@ class HARTForT2I(nn.Module):
         )
         lvl = self.level_embeddings()
         cache = KVCache(c.depth)
-        f_hat = context.new_zeros(B, c.Cvae, self.patch_nums[-1], self.patch_nums[-1])
+        f_hat = context.new_zeros(B, c.Cvae, *grids[-1])
         x = self.embed_scale_input(0, text.cond_BTC, lvl)
         ratio = 0.0
-        for si, pn in enumerate(self.patch_nums):
+        for si, (ph, pw) in enumerate(grids):
             last = si == S - 1
             if not (last and c.cfg_last_reuses_ratio):
                 ratio = si / (S - 1)
             t = cfg * ratio
-            h = self.forward_scale(si, x, text, cache)
+            h = self.forward_scale(si, x, text, cache, grids)
             if si == 0:
                 h = h[:, -1:]
             logits = self.get_logits(h, text.cond_BTC)
@@ -519,7 +568,7 @@ class HARTForT2I(nn.Module):
             else:
                 emb = F.embedding(idx, codebook)
             if not last:
-                f_hat, nxt = next_input_fn(si, f_hat, emb.transpose(1, 2).reshape(B, c.Cvae, pn, pn))
+                f_hat, nxt = next_input_fn(si, f_hat, emb.transpose(1, 2).reshape(B, c.Cvae, ph, pw))
                 x = self.embed_scale_input(si + 1, nxt.reshape(B, c.Cvae, -1).transpose(1, 2), lvl).repeat(2, 1, 1)
                 continue
             if use_diffusion:  # the residual, relative to the sampled token, no Phi on the last scale
@@ -528,7 +577,7 @@ class HARTForT2I(nn.Module):
                 res = self.diffloss.sample(z.reshape(2 * B * n, -1), diffusion_temperature, cfg=t, generator=generator,
                                            noise=draws.diff_noise, step_noise=draws.diff_step_noise)
                 emb = emb + res[: B * n].view(B, n, c.Cvae).to(emb.dtype)
-            f_hat = f_hat + emb.transpose(1, 2).reshape(B, c.Cvae, pn, pn)
+            f_hat = f_hat + emb.transpose(1, 2).reshape(B, c.Cvae, ph, pw)
         return f_hat if fhat_to_img is None else fhat_to_img(f_hat).add(1).mul(0.5)
 
 

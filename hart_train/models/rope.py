@@ -1,6 +1,6 @@
 """HART's rotary position embeddings: 1D for the text prefix, a non-standard 2D for image tokens.
 
-Shape legend: B batch, L tokens, H heads, d head dim, S scales.
+Shape legend: B batch, L tokens, H heads, d head dim, S scales; a schedule's grids are (h, w), its last (H, W).
 
 This reproduces the released code's naive RoPE path exactly (the fused kernels there are unused and have
 no backward), because the released weights were trained with it:
@@ -13,6 +13,13 @@ no backward), because the released weights were trained with it:
   cos/sin vector is ``[row*f, row*f, col*f, col*f]``. It is applied with HF ``rotate_half``, which pairs
   dim k with dim k + d/2, so a dim carrying a row angle is rotated against a dim carrying a column angle.
   It is not a textbook 2D RoPE, but it is what the weights expect.
+- Aspect-ratio buckets (buckets.py): each axis is normalised to its own extent. The scale with grid
+  h x w of a schedule ending in H x W puts token (i, j) (raster order) at (i / h * H, j / w * W) plus
+  the same offset, so the last scale sits on the integer H x W grid and every scale spans the same box,
+  exactly as the square rule does with H = W = pn_max (the same operations: the square case is bit-
+  identical). This is Infinity's per-axis "normalized by hw" 2D RoPE (`rope2d_normalized_by_hw == 2`
+  in FoundationVision/Infinity `infinity/models/basic.py`, which rounds to integer indices; HART keeps
+  the fractional coordinates, and so do we). A transposed bucket gets transposed positions.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+from .buckets import as_schedule
 
 ROPE_THETA = 10000.0
 
@@ -37,16 +46,18 @@ def context_position_ids(context_mask: torch.Tensor) -> torch.Tensor:
     return context_mask.long().cumsum(dim=1) - 1
 
 
-def scale_coords(patch_nums: Sequence[int], scale_indices: Sequence[int], device=None) -> torch.Tensor:
-    """(L, 2) float32 (row, col) coordinates of the listed scales, concatenated, on the largest grid."""
-    pn_max = patch_nums[-1]
+def scale_coords(schedule: Sequence, scale_indices: Sequence[int], device=None) -> torch.Tensor:
+    """(L, 2) float32 (row, col) coordinates of the listed scales, concatenated in raster order, each axis
+    on the last scale's extent. `schedule`: square sides (patch_nums) or (h, w) grids."""
+    grids = as_schedule(schedule)
+    H, W = grids[-1]
     out = []
     for si in scale_indices:
-        pn = patch_nums[si]
-        ar = torch.arange(pn, device=device)
-        grid = torch.stack(torch.meshgrid(ar, ar, indexing="ij"), dim=-1)
+        h, w = grids[si]
         # the order of operations (divide, then multiply) matches the released code bit for bit
-        out.append((grid / pn * pn_max).reshape(-1, 2))
+        rows = torch.arange(h, device=device) / h * H
+        cols = torch.arange(w, device=device) / w * W
+        out.append(torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2))
     return torch.cat(out, dim=0)
 
 
@@ -66,20 +77,22 @@ def rope_2d(pos_BL2: torch.Tensor, head_dim: int, theta: float = ROPE_THETA):
 
 
 def image_positions(
-    patch_nums: Sequence[int],
+    schedule: Sequence,
     scale_indices: Sequence[int],
     last_context_pos_B: torch.Tensor,
     kept_last_idx_Bk: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, L, 2) positions of the listed image scales, offset by the last context position of each sample.
+    """(B, L, 2) positions of the listed image scales of `schedule` (square sides or (h, w) grids), offset
+    by the last context position of each sample.
 
     ``kept_last_idx_Bk`` (sorted per row) keeps only those tokens of the last listed scale, as the
     training forward does when it drops last-scale tokens.
     """
     B = last_context_pos_B.shape[0]
-    coords = scale_coords(patch_nums, scale_indices, last_context_pos_B.device).unsqueeze(0).expand(B, -1, -1)
+    coords = scale_coords(schedule, scale_indices, last_context_pos_B.device).unsqueeze(0).expand(B, -1, -1)
     if kept_last_idx_Bk is not None:
-        n_last = patch_nums[scale_indices[-1]] ** 2
+        h, w = as_schedule(schedule)[scale_indices[-1]]
+        n_last = h * w
         head, last = coords[:, :-n_last], coords[:, -n_last:]
         last = torch.gather(last, 1, kept_last_idx_Bk[..., None].expand(-1, -1, 2))
         coords = torch.cat((head, last), dim=1)
