@@ -31,6 +31,9 @@ def _add_shard(sub) -> None:
     p.add_argument("--min-size", type=int, default=0, help="skip images whose shorter side is smaller")
     p.add_argument("--max-aspect", type=float, default=None, help="skip images with long/short side above this")
     p.add_argument("--max-pixels", type=int, default=images.DEFAULT_MAX_PIXELS, help="decompression-bomb limit")
+    p.add_argument("--buckets", default=None, metavar="default|W:H,...",
+                   help="aspect-ratio buckets: resize and crop each image to its nearest bucket (pixel sizes, "
+                        "width first), one bucket per shard; 'default' is the set for --resolution")
     p.add_argument("--limit", type=int, default=None, help="take only the first N source items")
     p.add_argument("--path-column", default="path")
     p.add_argument("--caption-column", default="caption")
@@ -59,6 +62,7 @@ def _run_shard(args) -> int:
         caption_column=args.caption_column,
         progress=not args.no_progress,
         max_pixels=args.max_pixels,
+        buckets=args.buckets,
     )
     st = manifest.stats
     skipped = ", ".join(f"{k}={v}" for k, v in st["skipped"].items()) or "none"
@@ -82,7 +86,7 @@ def _run_verify(args) -> int:
 
 
 def _add_stats(sub) -> None:
-    p = sub.add_parser("stats", help="counts, resolution/aspect histograms, caption lengths")
+    p = sub.add_parser("stats", help="counts, resolution/aspect/bucket histograms, caption lengths")
     p.add_argument("out", help="dataset directory or URL")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--plot", metavar="FILE.png", default=None, help="also draw the histograms into a PNG")

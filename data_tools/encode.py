@@ -29,6 +29,9 @@ Design decisions:
   (no tokenizer import), which the streaming reader uses to read these shards (`ReaderConfig.kind`).
 - All checks that can fail (tokenizer checkpoint, resolution, source manifest, text encoder directory,
   output) run before the first sample is encoded.
+- A bucketed source (`hart-data shard --buckets`) is refused: this encoder runs the tokenizer on the
+  square `patch_nums` schedule only, and the token format records one schedule per dataset. Bucketed
+  data trains from its image shards, which the t2i stage tokenizes on the fly.
 """
 
 from __future__ import annotations
@@ -174,6 +177,9 @@ def encode_dataset(
         raise ValueError("--resume and --overwrite exclude each other")
     tok_cfg = tokenizer_checkpoint_config(tokenizer_ckpt)
     source = _read_manifest(src)
+    if source.buckets is not None:
+        raise ValueError(f"{storage.redact(src)} is bucketed ({', '.join(source.buckets)}): `hart-data encode` "
+                         "pre-tokenizes square images only; train on the image shards instead")
     size = check_resolution(tok_cfg, resolution, source.options)
     model_directory(text_encoder)  # a missing directory fails here, before OUT is touched
     shard.prepare_output(out, resume=resume, overwrite=overwrite)

@@ -15,6 +15,11 @@ Design decisions:
   resize uses LANCZOS with `reducing_gap`, which first shrinks by an integer factor; both are large
   speedups for 4k+ sources at no visible cost.
 - center-crop resizes the shorter side to N and crops the centre NxN in one `resize(box=...)` call.
+- With aspect-ratio buckets (`hart-data shard --buckets`), the shard writer picks each image's bucket
+  in its parent process, from the header alone (`source_size`: size and EXIF orientation, no pixel
+  decode), and the worker cover-resizes and centre-crops to that bucket (`buckets.cover_box`; for a
+  square bucket exactly the center-crop above). A PNG's eXIf chunk after the pixel data is not read
+  there (finding it decodes the whole image): such an image is bucketed by its stored orientation.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from data_tools.buckets import Bucket, cover_box
 
 RESIZE_MODES = ("center-crop", "shorter-side", "none")
 FORMATS = ("jpg", "png", "webp")
@@ -52,6 +59,7 @@ class ImageOptions:
     min_size: int = 0
     max_aspect: float | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    buckets: tuple[Bucket, ...] | None = None  # resize each image to its nearest bucket instead
 
     def validate(self) -> None:
         if self.resize not in RESIZE_MODES:
@@ -68,6 +76,9 @@ class ImageOptions:
             raise ValueError(f"--max-aspect is long side / short side and must be >= 1, got {self.max_aspect}")
         if self.max_pixels < 1:
             raise ValueError(f"--max-pixels must be positive, got {self.max_pixels}")
+        if self.buckets is not None and (self.resize != "center-crop" or self.resolution is None):
+            raise ValueError("--buckets needs --resize center-crop and --resolution (the stage resolution "
+                             f"the buckets are for); got --resize {self.resize} --resolution {self.resolution}")
 
 
 @dataclass
@@ -79,21 +90,26 @@ class ProcessedImage:
     orig_height: int
 
 
-def process_image(data: bytes, opts: ImageOptions) -> ProcessedImage:
-    """Source bytes -> stored image bytes. Raises SkipImage for anything that should not be stored."""
-    img, (orig_w, orig_h) = open_image(data, opts)
+def process_image(data: bytes, opts: ImageOptions, bucket: Bucket | None = None) -> ProcessedImage:
+    """Source bytes -> stored image bytes, resized as `opts` say or, given a `bucket`, cover-resized and
+    centre-cropped to it. Raises SkipImage for anything that should not be stored."""
+    target = (bucket.width, bucket.height) if bucket is not None else None
+    img, (orig_w, orig_h) = open_image(data, opts, target)
     short, long = min(orig_w, orig_h), max(orig_w, orig_h)
     if short < max(opts.min_size, 1):
         raise SkipImage("too_small", f"{orig_w}x{orig_h}, shorter side < {opts.min_size}")
     if opts.max_aspect is not None and long / short > opts.max_aspect:
         raise SkipImage("bad_aspect", f"{orig_w}x{orig_h}, aspect {long / short:.2f} > {opts.max_aspect}")
-    img = resize(to_rgb(img), opts.resolution, opts.resize)
+    img = to_rgb(img)
+    img = resize(img, opts.resolution, opts.resize) if bucket is None else resize_to(img, *target)
     return ProcessedImage(encode(img, opts.fmt, opts.quality), img.width, img.height, orig_w, orig_h)
 
 
-def open_image(data: bytes, opts: ImageOptions) -> tuple[Image.Image, tuple[int, int]]:
+def open_image(data: bytes, opts: ImageOptions,
+               target: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Decode fully (so truncation shows here) and turn upright per EXIF. Returns the image and the
-    upright size of the *source*: a JPEG may be decoded smaller via draft(), the metadata must not be."""
+    upright size of the *source*: a JPEG may be decoded smaller via draft(), the metadata must not be.
+    `target` (width, height) is the bucket it will be resized to, if any (for draft())."""
     Image.MAX_IMAGE_PIXELS = opts.max_pixels
     with warnings.catch_warnings():
         # per-image decoder warnings (corrupt EXIF, odd chunks) would flood the log of a big job
@@ -102,7 +118,7 @@ def open_image(data: bytes, opts: ImageOptions) -> tuple[Image.Image, tuple[int,
         try:
             img = Image.open(io.BytesIO(data))
             src_w, src_h = img.size
-            _draft_jpeg(img, opts)
+            _draft_jpeg(img, opts, target)
             img.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise SkipImage("decompression_bomb", str(e)) from None
@@ -121,11 +137,13 @@ def open_image(data: bytes, opts: ImageOptions) -> tuple[Image.Image, tuple[int,
     return upright, ((src_h, src_w) if swapped else (src_w, src_h))
 
 
-def _draft_jpeg(img: Image.Image, opts: ImageOptions) -> None:
+def _draft_jpeg(img: Image.Image, opts: ImageOptions, target: tuple[int, int] | None) -> None:
     if img.format != "JPEG" or opts.resolution is None or opts.resize == "none":
         return
     w, h = img.size
-    scale = opts.resolution / min(w, h)
+    # a bucket is cut from the image after EXIF rotation: its longer side over the image's shorter side
+    # is a scale that covers it in either orientation
+    scale = (opts.resolution if target is None else max(target)) / min(w, h)
     if scale < 0.5:
         # draft picks the smallest DCT scale (1/2, 1/4, 1/8) keeping the image >= the requested size
         img.draft(img.mode, (math.ceil(w * scale * 2), math.ceil(h * scale * 2)))
@@ -168,6 +186,33 @@ def resize(img: Image.Image, resolution: int | None, mode: str) -> Image.Image:
     left, top = (w - crop) / 2, (h - crop) / 2
     box = (left, top, left + crop, top + crop)
     return img.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box, reducing_gap=_REDUCING_GAP)
+
+
+def resize_to(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Cover-resize and centre-crop to exactly width x height (a bucket)."""
+    box = cover_box(img.width, img.height, width, height)
+    return img.resize((width, height), Image.Resampling.LANCZOS, box=box, reducing_gap=_REDUCING_GAP)
+
+
+def source_size(data: bytes, max_pixels: int) -> tuple[int, int] | None:
+    """The upright (width, height) of a source image from its header, without decoding pixels; None
+    when the header does not parse (the worker then skips the image with its reason)."""
+    Image.MAX_IMAGE_PIXELS = max_pixels  # as in open_image: a bomb's header is refused the same way
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if img.format == "PNG":  # its getexif() decodes the image to look for an eXIf chunk after the pixels
+                exif = Image.Exif()
+                if img.info.get("exif"):
+                    exif.load(img.info["exif"])
+            else:
+                exif = img.getexif()
+            orientation = exif.get(0x0112, 1)
+    except Exception:  # Pillow raises many exception types for garbage input
+        return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def encode(img: Image.Image, fmt: str, quality: int) -> bytes:

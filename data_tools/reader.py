@@ -30,7 +30,8 @@ Design decisions:
   the next shard of the plan is opened (its first range requested) when the current one starts, so
   S3 latency overlaps decoding. (A thread that parsed whole windows ahead cost ~3% more worker CPU
   in GIL hand-overs and wake-ups than parsing inline, and local shards, memory-mapped, have no
-  latency to hide.) Raw bytes in memory per worker: one shuffle window's samples and up to three ranges.
+  latency to hide.) Raw bytes in memory per worker: one shuffle window's samples and up to three ranges (of
+  each bucket group, in a bucketed dataset: its groups are read interleaved).
 - A bad sample (undecodable image, missing image or caption, unreadable caption, or missing from its
   shard) still occupies its position: it counts as consumed and is skipped, so a batch can
   come out smaller. Each worker stops the run once its bad fraction exceeds ``max_bad_fraction``
@@ -40,6 +41,13 @@ Design decisions:
   (``samples.decode_token_sample``, ``samples.collate_tokens``). A dataset of the other kind (manifest
   ``options.format``) is refused when the reader is built. Token batches are stacked with
   ``torch.stack``: they are small (no image), so the DataLoader's copy into shared memory is cheap.
+- A bucketed dataset (`hart-data shard --buckets`; data_tools.plan, "Buckets") gives batches of one
+  bucket each, the same bucket on every rank at each step, with images (B, 3, H_b, W_b) and
+  ``batch["bucket"] = (W_b, H_b)`` (pixels, width first). Its manifest must be for
+  ``ReaderConfig.resolution`` (its ``options.resolution``). Datasets can be mixed: the shards of an
+  unbucketed one are then the square bucket (resolution, resolution). Image batches of an unbucketed
+  read say ``bucket = (resolution, resolution)``; token batches carry no bucket (tokens are square).
+  A bucketed read's state also lists the buckets (``buckets``), checked on load.
 - Iterating the reader is infinite across epochs; each batch says its ``epoch``. ``state_dict()``
   counts the batches handed to the caller, never prefetched ones, and must be called between batches;
   ``load_state_dict()`` and a new ``iter()`` restart the workers from the reader's state.
@@ -48,7 +56,6 @@ Design decisions:
 from __future__ import annotations
 
 import atexit
-import functools
 import gc
 import itertools
 import multiprocessing.util  # noqa: F401 - its exit handler must be registered before ours (see below)
@@ -62,6 +69,7 @@ from typing import Iterator
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_tools import buckets as bucketing
 from data_tools import plan as planning
 from data_tools import s3io, schema, storage, tars, token_format
 from data_tools.samples import (ImageBatch, RingReceiver, SharedBatchRing, TokenBatch, decode_sample,
@@ -123,11 +131,14 @@ class ShardRef:
     url: str
     num_samples: int
     num_bytes: int
+    bucket: bucketing.Bucket | None = None  # the size of all its images, in a bucketed dataset
 
 
-def load_shards(urls: list[str], policy: s3io.RetryPolicy, io_timeout: float, kind: str = "images") -> list[ShardRef]:
+def load_shards(urls: list[str], policy: s3io.RetryPolicy, io_timeout: float, kind: str = "images",
+                resolution: int | None = None) -> list[ShardRef]:
     """The shards of all datasets in `urls`, in order; a dataset without a manifest, or of another
-    `kind` than asked for (manifest options.format), is refused."""
+    `kind` than asked for (manifest options.format), or bucketed for another `resolution` than
+    given, is refused."""
     if not urls:
         raise ValueError("ReaderConfig.urls is empty: name at least one dataset directory")
     shards = []
@@ -142,10 +153,28 @@ def load_shards(urls: list[str], policy: s3io.RetryPolicy, io_timeout: float, ki
         text = s3io.read_object(fs, path, policy).decode("utf-8")
         manifest = schema.Manifest.from_json(text, where=storage.redact(manifest_url))
         _check_kind(manifest.options, kind, url)
-        shards += [ShardRef(storage.join(url, s.name), s.num_samples, s.bytes) for s in manifest.shards]
+        if manifest.buckets is not None and resolution is not None and manifest.options.get("resolution") != resolution:
+            raise ValueError(f"{storage.redact(url)} is bucketed for resolution {manifest.options.get('resolution')} "
+                             f"({', '.join(manifest.buckets)}) but ReaderConfig.resolution is {resolution}")
+        shards += [ShardRef(storage.join(url, s.name), s.num_samples, s.bytes,
+                            None if s.bucket is None else bucketing.Bucket.parse(s.bucket)) for s in manifest.shards]
     if sum(s.num_samples for s in shards) == 0:
         raise ValueError(f"datasets {[storage.redact(u) for u in urls]} hold no samples")
     return shards
+
+
+def bucket_plan(shards: list[ShardRef], counts: np.ndarray,
+                resolution: int) -> tuple[planning.Buckets | None, list[tuple[int, int]]]:
+    """The plan's view of the shards' buckets (None when no dataset is bucketed) and the (width, height)
+    of each bucket index; the shards of an unbucketed dataset mixed in are the square bucket."""
+    square = bucketing.Bucket(resolution, resolution)
+    if all(s.bucket is None for s in shards):
+        return None, [(square.width, square.height)]
+    of = [s.bucket or square for s in shards]
+    ordered = bucketing.ordered(set(of))
+    index = {b: i for i, b in enumerate(ordered)}
+    nearest = [bucketing.by_distance(b, ordered) for b in ordered]
+    return planning.Buckets.from_shards(counts, [index[b] for b in of], nearest), [(b.width, b.height) for b in ordered]
 
 
 def _check_kind(options: dict, kind: str, url: str) -> None:
@@ -235,14 +264,6 @@ class BadCounter:
             )
 
 
-@dataclass(frozen=True)
-class EpochStart:
-    """Marker in a worker's raw sample stream: the samples of `plan` (in `epoch`) follow."""
-
-    epoch: int
-    plan: planning.WorkerPlan
-
-
 def plan_windows(plan: planning.WorkerPlan, source: ShardSource) -> Iterator[tuple[np.ndarray, dict]]:
     """(ids in emission order, their raw samples by id) per shuffle window of the plan's not yet
     consumed samples."""
@@ -261,33 +282,31 @@ def plan_windows(plan: planning.WorkerPlan, source: ShardSource) -> Iterator[tup
         yield plan.ids[order], held
 
 
-def planned_samples(plans: Iterator[tuple[int, planning.WorkerPlan]], source: ShardSource) -> Iterator:
-    """For each (epoch, plan): an `EpochStart`, then the plan's raw (key, members) samples in
-    window-shuffled order."""
-    for epoch, plan in plans:
-        yield EpochStart(epoch, plan)
-        for ids, held in plan_windows(plan, source):
-            for sample_id in ids.tolist():
-                yield held.pop(sample_id)
+def plan_samples(plan: planning.WorkerPlan, source: ShardSource) -> Iterator[tuple]:
+    """The plan's raw (key, members) samples still to come, in window-shuffled order."""
+    for ids, held in plan_windows(plan, source):
+        for sample_id in ids.tolist():
+            yield held.pop(sample_id)
 
 
-def worker_batches(plans: Iterator[tuple[int, planning.WorkerPlan]], source: ShardSource, config: ReaderConfig,
-                   ring: SharedBatchRing | None = None) -> Iterator[dict]:
-    """The batches of one worker's plans, in order (bad samples judged per epoch)."""
-    if config.kind == "tokens":
-        decode, new_batch = decode_token_sample, TokenBatch
-    else:
-        decode, new_batch = functools.partial(decode_sample, resolution=config.resolution), ImageBatch
-    samples = planned_samples(plans, source)
-    for start in samples:
-        assert isinstance(start, EpochStart), "a worker's sample stream lost its place"
+def worker_batches(plans: Iterator[tuple[int, list[planning.WorkerPlan]]], source: ShardSource, config: ReaderConfig,
+                   sizes: list[tuple[int, int]], ring: SharedBatchRing | None = None) -> Iterator[dict]:
+    """The batches of one worker's plans (per epoch, one per bucket group), in global-step order, each
+    group's samples read from its own shard stream; bad samples judged per epoch. `sizes`: (width,
+    height) per bucket index; an unbucketed plan (bucket -1) is square at the resolution."""
+    tokens = config.kind == "tokens"
+    for epoch, group_plans in plans:
         counter = BadCounter(config.max_bad_fraction, config.min_samples_for_bad_check,
                              str([storage.redact(u) for u in config.urls]))
-        for size in start.plan.sizes[start.plan.first_batch :].tolist():
+        streams = [plan_samples(p, source) for p in group_plans]
+        for k, size in planning.batch_order(group_plans):
+            bucket = group_plans[k].bucket
+            width, height = sizes[bucket] if bucket >= 0 else (config.resolution, config.resolution)
+            batch = TokenBatch() if tokens else ImageBatch(size, width, height, ring)
             bad_here: dict[str, int] = {}
-            batch = new_batch(size, config.resolution, ring)
             for _ in range(size):
-                reason, good = decode(*next(samples))
+                raw = next(streams[k])
+                reason, good = decode_token_sample(*raw) if tokens else decode_sample(*raw, width, height)
                 counter.record(reason)
                 if good:
                     batch.add(good)
@@ -298,18 +317,22 @@ def worker_batches(plans: Iterator[tuple[int, planning.WorkerPlan]], source: Sha
                     f"a whole batch of {size} samples was bad ({bad_here}) in datasets "
                     f"{counter.dataset}; fix or re-shard the data"
                 )
-            yield {**batch.finish(), "epoch": start.epoch, "_bad_delta": bad_here}
+            yield {**batch.finish(), **({} if tokens else {"bucket": (width, height)}), "epoch": epoch,
+                   "_bad_delta": bad_here}
 
 
 class RankDataset(IterableDataset):
     """One rank's batches from the reader's position on, epoch after epoch, in DataLoader workers."""
 
-    def __init__(self, shards, config: ReaderConfig, counts: np.ndarray, epoch: int,
-                 segments: list[planning.Segment], remaining: np.ndarray, rank: int):
+    def __init__(self, shards, config: ReaderConfig, counts: np.ndarray, epoch: int, segments: list[planning.Segment],
+                 remaining: np.ndarray, layout: planning.Layout, rank: int, buckets: planning.Buckets | None,
+                 sizes: list[tuple[int, int]]):
         super().__init__()
         self.shards, self.config, self.counts, self.rank = shards, config, counts, rank
-        # the current epoch: its segments (the last open, at its consumed steps) and the ids left to it
-        self.epoch, self.segments, self.remaining = epoch, segments, remaining
+        self.buckets, self.sizes = buckets, sizes
+        # the current epoch: its segments (the last open, at its consumed steps), the open one's layout,
+        # and the ids left to it
+        self.epoch, self.segments, self.remaining, self.layout = epoch, segments, remaining, layout
 
     def __iter__(self):
         info = get_worker_info()
@@ -317,28 +340,29 @@ class RankDataset(IterableDataset):
         assert num_workers == self.segments[-1].workers, (num_workers, self.segments[-1])
         ring = None
         if info is not None and self.config.kind == "images":
-            shape = (self.config.batch_size, self.config.resolution, self.config.resolution, 3)
-            ring = SharedBatchRing(loader_worker, shape)
+            width, height = max(self.sizes, key=lambda wh: wh[0] * wh[1])  # a slot holds the largest bucket
+            ring = SharedBatchRing(loader_worker, (self.config.batch_size, height, width, 3))
         plans = self.worker_plans(loader_worker, num_workers)
-        return worker_batches(plans, ShardSource(self.shards, self.config), self.config, ring)
+        return worker_batches(plans, ShardSource(self.shards, self.config), self.config, self.sizes, ring)
 
-    def worker_plans(self, loader_worker: int, num_workers: int) -> Iterator[tuple[int, planning.WorkerPlan]]:
-        """(epoch, plan) of the planned worker this loader worker plays, epoch after epoch.
+    def worker_plans(self, loader_worker: int, num_workers: int) -> Iterator[tuple[int, list[planning.WorkerPlan]]]:
+        """(epoch, group plans) of the planned worker this loader worker plays, epoch after epoch.
 
         The DataLoader's g-th batch comes from loader worker g % K. If `delivered` batches came before
         this epoch and its open segment had done `steps` already, batch g is the segment's step
         g - delivered + steps, which plan worker (step % K) owns: the roles rotate whenever an epoch's
         step count is not a multiple of K."""
         cfg = self.config
-        epoch, segments, remaining, delivered = self.epoch, self.segments, self.remaining, 0
+        epoch, segments, remaining, layout, delivered = self.epoch, self.segments, self.remaining, self.layout, 0
         while True:
             seg = segments[-1]
             worker = (loader_worker - delivered + seg.steps) % num_workers
-            yield epoch, planning.worker_plan(remaining, seg, len(segments) - 1, cfg.seed, epoch, self.rank,
-                                              worker, cfg.shuffle_window)
-            delivered += planning.num_steps(len(remaining), seg.ranks, seg.batch) - seg.steps
+            yield epoch, planning.worker_plans(remaining, layout, seg.steps, self.rank, worker, cfg.shuffle_window,
+                                               self.buckets)
+            delivered += layout.num_steps - seg.steps
             epoch, segments = epoch + 1, [planning.Segment(seg.ranks, seg.workers, seg.batch)]
-            remaining = planning.remaining_ids(self.counts, cfg.seed, epoch, [], cfg.shuffle_window)
+            remaining = planning.remaining_ids(self.counts, cfg.seed, epoch, [], cfg.shuffle_window, self.buckets)
+            layout = planning.segment_layouts(self.counts, segments, cfg.seed, epoch, self.buckets)[0]
 
 
 def _as_is(batch: dict) -> dict:
@@ -385,37 +409,53 @@ class StreamingReader:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
         self.config, self.rank, self.world_size = config, rank, world_size
-        self.shards = load_shards(config.urls, config.retry_policy(), config.io_timeout, config.kind)
+        self.shards = load_shards(config.urls, config.retry_policy(), config.io_timeout, config.kind,
+                                  config.resolution if config.kind == "images" else None)
         self._counts = np.array([s.num_samples for s in self.shards], dtype=np.int64)
         self._num_samples = int(self._counts.sum())
+        self._buckets, self._sizes = bucket_plan(self.shards, self._counts, config.resolution)
         self._epoch = 0
         self._segments: list[planning.Segment] = []
         self._bad: Counter = Counter()
         self._batches = None  # the live DataLoader iterator, for close()
         self._ring = RingReceiver()  # the live workers' shared batch slots, mapped here
-        self._left_cache: tuple | None = None  # see _left_before_open_segment
+        self._layout_cache: tuple | None = None  # see _layouts
 
     @property
     def num_samples(self) -> int:
         return self._num_samples
 
+    @property
+    def buckets(self) -> list[tuple[int, int]] | None:
+        """(width, height) of each bucket of a bucketed read, None for an unbucketed one."""
+        return None if self._buckets is None else list(self._sizes)
+
     def steps_left_in_epoch(self) -> int:
         """Batches this rank yields before the current epoch ends, with this reader's shape."""
         self._roll_epoch_if_done()
-        consumed = planning.samples_consumed(self._counts, self._segments)
-        shape = self._shape()
-        last = self._segments[-1] if self._segments else None
-        if last is not None and (last.ranks, last.workers, last.batch) == shape:
-            return planning.num_steps(self._left_before_open_segment(), last.ranks, last.batch) - last.steps
-        return planning.num_steps(self.num_samples - consumed, shape[0], shape[2])
+        segments = self._with_open_segment()
+        return self._layouts(segments)[-1].num_steps - segments[-1].steps
 
-    def _left_before_open_segment(self) -> int:
-        """Samples of the epoch left when the open (last) segment began. Cached on the closed segments:
-        it is asked at every batch, and each closed segment costs a plan of its batch sizes."""
-        closed = tuple(self._segments[:-1])
-        if self._left_cache is None or self._left_cache[0] != closed:
-            self._left_cache = (closed, self.num_samples - planning.samples_consumed(self._counts, list(closed)))
-        return self._left_cache[1]
+    def _layouts(self, segments: list[planning.Segment]) -> list[planning.Layout]:
+        """The layouts of `segments` (this epoch's, the last one open). Cached on what they depend on
+        (the closed segments and the open one's shape): asked at every batch, and each closed segment
+        costs a plan of its batch sizes."""
+        key = (self._epoch, tuple(segments[:-1]), replace(segments[-1], steps=0))
+        if self._layout_cache is None or self._layout_cache[0] != key:
+            self._layout_cache = (key, planning.segment_layouts(self._counts, [*key[1], key[2]], self.config.seed,
+                                                                self._epoch, self._buckets))
+        return self._layout_cache[1]
+
+    def _with_open_segment(self) -> list[planning.Segment]:
+        """This epoch's segments with the open one of this reader's (ranks, workers, batch) last: the last
+        one if it has that shape, else a new one (replacing a last one that took no step)."""
+        shape = self._shape()
+        segments = list(self._segments)
+        if segments and (segments[-1].ranks, segments[-1].workers, segments[-1].batch) == shape:
+            return segments
+        if segments and segments[-1].steps == 0:
+            segments.pop()
+        return [*segments, planning.Segment(*shape)]
 
     def batch_slots(self) -> dict[int, int]:
         """Shared-memory batch slots per worker of the live iterator (each holds one batch)."""
@@ -427,22 +467,28 @@ class StreamingReader:
     def _roll_epoch_if_done(self) -> None:
         if not self._segments:
             return
-        last = self._segments[-1]
-        if last.steps == planning.num_steps(self._left_before_open_segment(), last.ranks, last.batch):
+        if self._segments[-1].steps == self._layouts(self._segments)[-1].num_steps:
             self._epoch += 1
             self._segments = []
 
+    def _bucket_names(self) -> list[str]:
+        return [f"{w}x{h}" for w, h in self._sizes]
+
     def state_dict(self) -> dict:
         self._roll_epoch_if_done()
-        return {
+        layouts = self._layouts(self._segments) if self._segments else []
+        state = {
             "seed": self.config.seed,
             "epoch": self._epoch,
-            "samples_consumed": planning.samples_consumed(self._counts, self._segments),
+            "samples_consumed": sum(layout.consumed(s.steps) for s, layout in zip(self._segments, layouts)),
             "segments": [s.to_dict() for s in self._segments],
             # not part of the order's state, but the order depends on them: checked on load
             "num_samples": self.num_samples,
             "shuffle_window": self.config.shuffle_window,
         }
+        if self._buckets is not None:
+            state["buckets"] = self._bucket_names()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore, then iterate anew (this stops the workers of any earlier iterator). Same (ranks,
@@ -462,18 +508,17 @@ class StreamingReader:
             raise ValueError(
                 f"reader state is for {state['num_samples']} samples but the datasets hold {self.num_samples}"
             )
+        expected = self._bucket_names() if self._buckets is not None else None
+        if state.get("buckets") != expected:
+            raise ValueError(f"reader state is for buckets {state.get('buckets')} but the datasets' are {expected}")
         segments = [planning.Segment.from_dict(s) for s in state["segments"]]
-        planning.samples_consumed(self._counts, segments)  # validates every segment against its plan
+        # validates every segment against its plan
+        planning.segment_layouts(self._counts, segments, self.config.seed, int(state["epoch"]), self._buckets)
         self._epoch, self._segments = int(state["epoch"]), segments
         self._roll_epoch_if_done()
 
     def _open_segment(self) -> None:
-        shape = self._shape()
-        if self._segments and (self._segments[-1].ranks, self._segments[-1].workers, self._segments[-1].batch) == shape:
-            return
-        if self._segments and self._segments[-1].steps == 0:
-            self._segments.pop()
-        self._segments.append(planning.Segment(*shape))
+        self._segments = self._with_open_segment()
 
     def __iter__(self) -> Iterator[dict]:
         """Batches from the current state on, forever. Starts the workers (stopping any earlier ones)."""
@@ -481,9 +526,9 @@ class StreamingReader:
         self._roll_epoch_if_done()
         self._open_segment()
         remaining = planning.remaining_ids(self._counts, self.config.seed, self._epoch, self._segments[:-1],
-                                           self.config.shuffle_window)
-        dataset = RankDataset(self.shards, self.config, self._counts, self._epoch, list(self._segments),
-                              remaining, self.rank)
+                                           self.config.shuffle_window, self._buckets)
+        dataset = RankDataset(self.shards, self.config, self._counts, self._epoch, list(self._segments), remaining,
+                              self._layouts(self._segments)[-1], self.rank, self._buckets, self._sizes)
         workers = self.config.num_workers
         loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=workers,
                             worker_init_fn=_init_worker, prefetch_factor=self.config.prefetch_factor if workers else None)
@@ -497,6 +542,9 @@ class StreamingReader:
                 self._open_segment()
                 assert batch["epoch"] == self._epoch, ("a worker is in another epoch", batch["epoch"], self._epoch)
                 seg = self._segments[-1]
+                layout = self._layouts(self._segments)[-1]
+                planned = self._sizes[layout.groups[layout.group_at(seg.steps)]]
+                assert batch.get("bucket", planned) == planned, ("a worker is at another step", batch["bucket"], planned)
                 self._segments[-1] = replace(seg, steps=seg.steps + 1)
                 self._bad.update(batch.pop("_bad_delta"))
                 batch["bad_samples"] = dict(self._bad)

@@ -12,26 +12,26 @@ import torch
 from PIL import Image
 
 from data_tools import schema, token_format
+from data_tools.buckets import cover_box
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 images from the reader -> float in [-1, 1]."""
     return images.float().div_(127.5).sub_(1.0)
 
 
-def decode_image(data: bytes, resolution: int) -> np.ndarray:
-    """Decode, resize the shorter side to `resolution` and center-crop: (resolution, resolution, 3) uint8."""
+def decode_image(data: bytes, width: int, height: int | None = None) -> np.ndarray:
+    """Decode, cover-resize to width x height (default square) and center-crop: (height, width, 3) uint8."""
+    height = width if height is None else height
     img = Image.open(io.BytesIO(data))
     if img.format == "JPEG":
         # Let libjpeg decode at a reduced scale that still covers the target (much faster).
-        scale = resolution / min(img.size)
+        scale = max(width / img.size[0], height / img.size[1])
         img.draft("RGB", (int(img.size[0] * scale + 0.999), int(img.size[1] * scale + 0.999)))
     rgb = _to_rgb(img)
-    w, h = rgb.size
-    if w == h == resolution:  # already sharded at this resolution: nothing to resample
+    if rgb.size == (width, height):  # already sharded at this size: nothing to resample
         return np.asarray(rgb)
-    side = min(w, h)
-    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-    out = rgb.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+    box = cover_box(*rgb.size, width, height)  # for a square target the centred min(w, h) square
+    out = rgb.resize((width, height), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
     return np.asarray(out)
 
 
@@ -46,9 +46,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_sample(key: str | None, members: dict | None, resolution: int) -> tuple[str | None, tuple]:
-    """(bad reason or None, (image, caption, key)) from a sample's image and caption members (the
-    reader does not read its metadata JSON)."""
+def decode_sample(key: str | None, members: dict | None, width: int,
+                  height: int | None = None) -> tuple[str | None, tuple]:
+    """(bad reason or None, (image, caption, key)) from a sample's image and caption members, the image
+    at width x height (default square; the reader does not read the metadata JSON)."""
     if members is None:
         return "missing_sample", ()
     for image_ext in schema.IMAGE_EXTS:
@@ -63,7 +64,7 @@ def decode_sample(key: str | None, members: dict | None, resolution: int) -> tup
     except UnicodeDecodeError:
         return "bad_caption", ()
     try:
-        image = decode_image(members[image_ext], resolution)
+        image = decode_image(members[image_ext], width, height)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
         return "bad_image", ()
     return None, (image, caption, key)
@@ -89,9 +90,10 @@ class ImageBatch:
     in a DataLoader worker the buffer is a slot of its shared-memory ring and the batch carries "_ring"
     (where the slot is) in place of "image" until `RingReceiver.take` turns it into a view of the slot."""
 
-    def __init__(self, size: int, resolution: int, ring: "SharedBatchRing | None"):
+    def __init__(self, size: int, width: int, height: int, ring: "SharedBatchRing | None"):
         self._ring = ring
-        self._rows = ring.open_slot() if ring is not None else np.empty((size, resolution, resolution, 3), np.uint8)
+        shape = (size, height, width, 3)
+        self._rows = ring.open_slot(shape) if ring is not None else np.empty(shape, np.uint8)
         self._captions: list[str] = []
         self._keys: list[str] = []
 
@@ -115,7 +117,7 @@ class ImageBatch:
 class TokenBatch:
     """One token batch under construction (see `collate_tokens`)."""
 
-    def __init__(self, size: int, resolution: int, ring: None = None):
+    def __init__(self):
         self._goods: list[tuple] = []
 
     def add(self, good: tuple) -> None:
@@ -146,22 +148,27 @@ class SharedBatchRing:
     writes into a FREE slot or a new one: so no batch anyone can still see is ever overwritten. When no
     slot is free (the consumer holds on to batches, or prefetching is ahead) the worker adds a slot: a
     worker needs at most about `prefetch_factor + 3` while the consumer keeps only the batch it works on
-    (4 per worker at prefetch_factor 2 in `bench/data_throughput.py`'s `batch_slots_per_worker`)."""
+    (4 per worker at prefetch_factor 2 in `bench/data_throughput.py`'s `batch_slots_per_worker`).
+    A slot holds a batch of up to `max_shape`'s element count in any shape (the buckets of a bucketed
+    dataset): its pixels are kept as a flat array and viewed in the batch's shape."""
 
     HEADER = 8  # bytes: the int64 state in front of each slot's pixels
     FREE, WRITING = -2, -1
 
     def __init__(self, worker: int, max_shape: tuple[int, ...]):
         self._worker, self._max_shape = worker, tuple(max_shape)
+        self._capacity = int(np.prod(self._max_shape))
         # per slot: the uint8 storage (header + the largest batch) and numpy views of its state word and
-        # pixels, made once (torch slicing per batch cost ~1.5% of a worker's time)
+        # flat pixels, made once (torch slicing per batch cost ~1.5% of a worker's time)
         self._slots: list[tuple[torch.Tensor, np.ndarray, np.ndarray]] = []
         self._seq = 0
-        self._open: tuple[int, np.ndarray, bool] | None = None  # slot, its state word, newly made
+        self._open: tuple[int, np.ndarray, bool, tuple] | None = None  # slot, its state word, newly made, shape
 
-    def open_slot(self) -> np.ndarray:
-        """A free slot's pixels, (max batch, H, W, 3), marked as being written."""
+    def open_slot(self, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """A free slot's pixels in `shape` (default max_shape: (max batch, H, W, 3)), marked as being written."""
         assert self._open is None, "close_slot the previous batch first"
+        shape = self._max_shape if shape is None else tuple(shape)
+        assert int(np.prod(shape)) <= self._capacity, (shape, self._max_shape)
         new = False
         for slot, (_, state, pixels) in enumerate(self._slots):
             if state[0] == self.FREE:
@@ -170,21 +177,21 @@ class SharedBatchRing:
             new, slot = True, len(self._slots)
             storage = torch.empty(0, dtype=torch.uint8).set_(
                 torch.UntypedStorage._new_shared(self.HEADER + int(np.prod(self._max_shape))))
-            header, pixels_t = self.views(storage, self._max_shape)
+            header, pixels_t = self.views(storage, (self._capacity,))
             state, pixels = header.numpy(), pixels_t.numpy()
             self._slots.append((storage, state, pixels))
         state[0] = self.WRITING
-        self._open = slot, state, new
-        return pixels
+        self._open = slot, state, new, shape
+        return pixels[: int(np.prod(shape))].reshape(shape)
 
     def close_slot(self, count: int) -> dict:
         """Publish the open slot's first `count` rows as the next batch; returns what the main process
         needs to find it (and, on the slot's first use, its storage)."""
-        slot, state, new = self._open
+        slot, state, new, shape = self._open
         self._open = None
         seq, self._seq = self._seq, self._seq + 1
         state[0] = seq
-        return {"worker": self._worker, "slot": slot, "seq": seq, "shape": (count, *self._max_shape[1:]),
+        return {"worker": self._worker, "slot": slot, "seq": seq, "shape": (count, *shape[1:]),
                 "storage": self._slots[slot][0] if new else None}
 
     @property

@@ -14,6 +14,13 @@ A sample inside a shard is the webdataset group of members sharing a key:
 
 Only ``manifest.json`` makes a dataset complete: a reader refuses a directory without one, so a
 crashed or still-running shard job is never read as a finished dataset.
+
+A *bucketed* dataset (`hart-data shard --buckets`, see `data_tools.buckets`) stores each image at its
+aspect-ratio bucket's size and every shard holds samples of one bucket, so a reader plans batches by
+bucket from the manifest alone: ``options.buckets`` lists the dataset's bucket set (``"WxH"`` pixel
+names, canonical order) and ``options.resolution`` the stage resolution it is for; each shard entry
+carries its ``bucket``; each sample's metadata carries ``bucket`` too; ``stats.buckets`` counts
+samples per bucket. An unbucketed dataset has none of these keys (its files are as before buckets).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ META_EXT = "json"
 # Fields every sample's metadata JSON carries. `sha256` is the hash of the *source* bytes (the
 # dedup key); `width`/`height` are of the stored image, `orig_*` of the source image.
 SAMPLE_META_FIELDS = ("width", "height", "orig_width", "orig_height", "source", "sha256")
+BUCKET_FIELD = "bucket"  # in a bucketed dataset's sample metadata, shard entries and options ("buckets")
 
 _SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
 
@@ -60,6 +68,7 @@ class ShardInfo:
     num_samples: int
     bytes: int
     sha256: str
+    bucket: str | None = None  # "WxH" in a bucketed dataset (every sample of the shard has that size)
 
 
 @dataclass
@@ -77,8 +86,16 @@ class Manifest:
     def num_bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
 
+    @property
+    def buckets(self) -> list[str] | None:
+        """The bucket set of a bucketed dataset ("WxH" names), None for an unbucketed one."""
+        return self.options.get("buckets")
+
     def to_json(self) -> str:
         d = asdict(self)
+        for shard in d["shards"]:
+            if shard["bucket"] is None:  # unbucketed manifests stay byte-identical to before buckets
+                del shard["bucket"]
         d["num_samples"] = self.num_samples
         d["num_bytes"] = self.num_bytes
         return json.dumps(d, indent=1, sort_keys=True)
@@ -98,10 +115,27 @@ class Manifest:
         shards = []
         for i, s in enumerate(d["shards"]):
             try:
-                shards.append(ShardInfo(str(s["name"]), int(s["num_samples"]), int(s["bytes"]), str(s["sha256"])))
-            except (KeyError, TypeError, ValueError) as e:
+                bucket = None if s.get("bucket") is None else str(s["bucket"])
+                shards.append(ShardInfo(str(s["name"]), int(s["num_samples"]), int(s["bytes"]), str(s["sha256"]),
+                                        bucket))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise ValueError(f"{where}: shard entry {i} is malformed ({e!r})") from None
-        return cls(d["schema_version"], shards, d.get("options", {}), d.get("stats", {}))
+        manifest = cls(d["schema_version"], shards, d.get("options", {}), d.get("stats", {}))
+        _check_buckets(manifest, where)
+        return manifest
+
+
+def _check_buckets(manifest: Manifest, where: str) -> None:
+    """A bucketed manifest names its bucket set and every shard's bucket in it; an unbucketed one neither."""
+    names = manifest.buckets
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{where}: options.buckets must be a list of \"WxH\" names, got {names!r}")
+    for shard in manifest.shards:
+        if names is None and shard.bucket is not None:
+            raise ValueError(f"{where}: shard {shard.name} has bucket {shard.bucket} but options.buckets is missing")
+        if names is not None and shard.bucket not in names:
+            raise ValueError(f"{where}: shard {shard.name} has bucket {shard.bucket!r}, "
+                             f"not one of options.buckets {names}")
 
 
 def split_key(member_name: str) -> tuple[str, str]:

@@ -25,6 +25,15 @@ Design decisions:
   `workers=1` runs the worker function in-process.
 - Options that change the output are recorded in every stats file and in the manifest; resuming
   with different options is an error rather than a silently mixed dataset.
+- `--buckets` (aspect-ratio buckets, `data_tools.buckets`): every shard holds one bucket's samples, so
+  a reader plans batches per bucket from the manifest alone. The parent picks each item's bucket from
+  its header (`images.source_size`, no pixel decode; an unreadable header goes to the bucket nearest
+  square and the worker skips the item with its usual reason) and keeps one open chunk per bucket,
+  cut into a plan when it reaches `samples_per_shard`; the partial chunks are flushed at the end in
+  bucket order. Shard numbers follow that emission order, which is a pure function of the source
+  order, so `--resume` and byte-reproducibility hold as without buckets. The parent holds up to one
+  chunk of source bytes per bucket (plus the plans in flight). Without `--buckets` nothing changes:
+  no bucket key is written anywhere and the bytes are those of before.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from typing import Iterable, Iterator
 import webdataset as wds
 from tqdm import tqdm
 
+from data_tools import buckets as bucketing
 from data_tools import images, schema, sources, storage
 
 _MTIME = 0  # fixed member mtime: identical input gives identical tar bytes
@@ -60,6 +70,7 @@ class PlanItem:
 class ShardPlan:
     index: int
     items: list[PlanItem]
+    bucket: bucketing.Bucket | None = None  # every item is resized to it (a bucketed dataset)
 
 
 @dataclass
@@ -89,9 +100,12 @@ def shard_dataset(
     caption_column: str = "caption",
     progress: bool = True,
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    buckets: str | None = None,
 ) -> schema.Manifest:
-    """Shard `source` (see data_tools.sources) into `out`; returns the manifest written last."""
-    image_opts = images.ImageOptions(resolution, resize, fmt, quality, min_size, max_aspect, max_pixels)
+    """Shard `source` (see data_tools.sources) into `out`; returns the manifest written last.
+    `buckets`: "default" or "W:H,W:H,..." pixel sizes (see data_tools.buckets), or None for square."""
+    bucket_set = bucketing.parse_buckets(buckets, resolution) if buckets is not None else None
+    image_opts = images.ImageOptions(resolution, resize, fmt, quality, min_size, max_aspect, max_pixels, bucket_set)
     image_opts.validate()
     if samples_per_shard < 1 or workers < 1 or (limit is not None and limit < 0):
         raise ValueError("--samples-per-shard and --workers must be >= 1 and --limit >= 0")
@@ -103,12 +117,15 @@ def shard_dataset(
         "max_aspect": max_aspect, "max_pixels": max_pixels, "limit": limit,
         "path_column": path_column, "caption_column": caption_column,
     }  # fmt: skip
+    if bucket_set is not None:  # only then: an unbucketed job's options (and resume checks) are as before
+        options["buckets"] = [b.name for b in bucket_set]
     # the source is checked (eagerly, by iter_items) before the output is touched
     items = sources.iter_items(source, path_column=path_column, caption_column=caption_column, limit=limit)
     prepare_output(out, resume=resume, overwrite=overwrite)
     parent_skips = SkipLog()
     with tqdm(total=limit, unit="img", desc="shard", disable=not progress, file=sys.stderr) as bar:
-        plans = plan_shards(_counted(items, bar), samples_per_shard, parent_skips)
+        chooser = BucketChooser(bucket_set, max_pixels) if bucket_set is not None else None
+        plans = plan_shards(_counted(items, bar), samples_per_shard, parent_skips, chooser)
         jobs = (ShardJob(out, plan, image_opts, options) for plan in plans)
         shard_stats = _run_jobs(jobs, workers, resume, bar)
     manifest = _build_manifest(shard_stats, options, parent_skips)
@@ -136,12 +153,40 @@ class SkipLog:
             self.items.append({"source": source, "reason": reason, "detail": detail})
 
 
-def plan_shards(items: Iterable[sources.SourceItem], samples_per_shard: int, skips: SkipLog) -> Iterator[ShardPlan]:
+class BucketChooser:
+    """The bucket of a source item, from its header (see the module docstring)."""
+
+    def __init__(self, bucket_set: tuple[bucketing.Bucket, ...], max_pixels: int):
+        self.bucket_set, self.max_pixels = bucket_set, max_pixels
+        self.fallback = bucketing.nearest_bucket(1, 1, bucket_set)
+
+    def __call__(self, data: bytes) -> bucketing.Bucket:
+        size = images.source_size(data, self.max_pixels)
+        return self.fallback if size is None or min(size) < 1 else bucketing.nearest_bucket(*size, self.bucket_set)
+
+
+def plan_shards(items: Iterable[sources.SourceItem], samples_per_shard: int, skips: SkipLog,
+                choose_bucket: BucketChooser | None = None) -> Iterator[ShardPlan]:
     """Drop unreadable/zero-byte/missing-caption/duplicate items (first occurrence wins) and cut the
-    survivors, in source order, into plans of `samples_per_shard` items."""
-    seen: set[bytes] = set()
-    chunk: list[PlanItem] = []
+    survivors, in source order, into plans of `samples_per_shard` items; with `choose_bucket`, each
+    bucket's items separately (one open chunk per bucket, the partial ones flushed in bucket order)."""
+    chunks: dict = {b: [] for b in choose_bucket.bucket_set} if choose_bucket is not None else {None: []}
     index = 0
+    for item in _planned_items(items, skips):
+        bucket = choose_bucket(item.data) if choose_bucket is not None else None
+        chunks[bucket].append(item)
+        if len(chunks[bucket]) == samples_per_shard:
+            yield ShardPlan(index, chunks[bucket], bucket)
+            index, chunks[bucket] = index + 1, []
+    for bucket, chunk in chunks.items():
+        if chunk:
+            yield ShardPlan(index, chunk, bucket)
+            index += 1
+
+
+def _planned_items(items: Iterable[sources.SourceItem], skips: SkipLog) -> Iterator[PlanItem]:
+    """The items worth a worker's time, in source order; the rest are counted in `skips`."""
+    seen: set[bytes] = set()
     for item in items:
         if item.skip is not None:
             skips.add(item.source, item.skip, item.detail)
@@ -157,12 +202,7 @@ def plan_shards(items: Iterable[sources.SourceItem], samples_per_shard: int, ski
             skips.add(item.source, "duplicate", digest.hex())
             continue
         seen.add(digest)
-        chunk.append(PlanItem(item.source, item.caption, digest.hex(), item.data))
-        if len(chunk) == samples_per_shard:
-            yield ShardPlan(index, chunk)
-            index, chunk = index + 1, []
-    if chunk:
-        yield ShardPlan(index, chunk)
+        yield PlanItem(item.source, item.caption, digest.hex(), item.data)
 
 
 def prepare_output(out: str, *, resume: bool, overwrite: bool) -> None:
@@ -260,6 +300,8 @@ def _skip_done(jobs: Iterable[ShardJob], resume: bool, results: list[dict]) -> I
     """Yield the jobs still to do; with `resume`, done shards' stats go straight to `results`."""
     for job in jobs:
         stats = load_done_stats(job.out, job.plan.index, job.options) if resume else None
+        if stats is not None and stats.get("bucket") != _bucket_name(job.plan.bucket):
+            stats = None  # cannot happen with equal options (plans are a pure function of the source)
         if stats is None:
             yield job
         else:
@@ -290,14 +332,17 @@ def write_shard(job: ShardJob) -> dict:
     index = job.plan.index
     skips = SkipLog()
     samples: list[dict] = []
+    bucket = job.plan.bucket
     for item in job.plan.items:
         try:
-            img = images.process_image(item.data, job.image_opts)
+            img = images.process_image(item.data, job.image_opts, bucket)
         except images.SkipImage as e:
             skips.add(item.source, e.reason, e.detail)
             continue
         meta = {"width": img.width, "height": img.height, "orig_width": img.orig_width,
                 "orig_height": img.orig_height, "source": item.source, "sha256": item.sha256}  # fmt: skip
+        if bucket is not None:
+            meta[schema.BUCKET_FIELD] = bucket.name
         samples.append({
             "__key__": schema.sample_key(index, len(samples)), job.image_opts.fmt: img.data,
             schema.CAPTION_EXT: item.caption.encode("utf-8"),
@@ -315,6 +360,8 @@ def write_shard(job: ShardJob) -> dict:
         "skipped": dict(skips.counts), "skipped_items": skips.items, "bytes": tar_bytes, "sha256": digest,
         "options": job.options,
     }  # fmt: skip
+    if bucket is not None:
+        stats[schema.BUCKET_FIELD] = bucket.name
     storage.atomic_write_text(storage.join(job.out, schema.shard_stats_name(index)), json.dumps(stats, indent=1))
     return stats
 
@@ -334,10 +381,15 @@ def open_shard_tar(url: str) -> Iterator[tuple[wds.TarWriter, storage.HashingWri
             yield tar, sink
 
 
+def _bucket_name(bucket: bucketing.Bucket | None) -> str | None:
+    return None if bucket is None else bucket.name
+
+
 def _build_manifest(shard_stats: list[dict], options: dict, parent_skips: SkipLog) -> schema.Manifest:
     shard_stats = sorted(shard_stats, key=lambda s: s["index"])
     shards = [
-        schema.ShardInfo(s["name"], s["num_samples"], s["bytes"], s["sha256"]) for s in shard_stats if s["num_samples"]
+        schema.ShardInfo(s["name"], s["num_samples"], s["bytes"], s["sha256"], s.get(schema.BUCKET_FIELD))
+        for s in shard_stats if s["num_samples"]
     ]
     skipped = Counter(parent_skips.counts)
     for s in shard_stats:
@@ -353,4 +405,9 @@ def _build_manifest(shard_stats: list[dict], options: dict, parent_skips: SkipLo
         "num_empty_shards": len(shard_stats) - len(shards),
         "num_bytes": sum(s.bytes for s in shards),
     }
+    if "buckets" in options:
+        per_bucket = Counter({name: 0 for name in options["buckets"]})
+        for s in shards:
+            per_bucket[s.bucket] += s.num_samples
+        stats["buckets"] = dict(per_bucket)
     return schema.Manifest(schema.SCHEMA_VERSION, shards, options, stats)

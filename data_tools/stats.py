@@ -4,7 +4,9 @@ Only the `.json` and `.txt` members are read (image members are streamed past, n
 stats of a large dataset cost one sequential pass over the tars and no image decoding.
 
 Histograms use fixed bin edges rather than data-dependent ones, so the numbers of two datasets are
-directly comparable and `--json` output is stable for tests and dashboards.
+directly comparable and `--json` output is stable for tests and dashboards. A bucketed dataset's
+bucket histogram (`buckets`, from the samples' metadata, every bucket of the set listed in canonical
+order, empty for an unbucketed dataset) is what the reader's per-bucket batches will draw on.
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ def dataset_stats(out: str) -> dict:
     """Counts, resolution/aspect histograms and caption length distribution of dataset `out`."""
     manifest = load_manifest(out)
     resolutions: Counter[str] = Counter()
+    per_bucket: Counter[str] = Counter({name: 0 for name in manifest.buckets or []})
     widths, heights, caption_chars, caption_words = [], [], [], []
     for shard in manifest.shards:
         for meta, caption in _iter_meta(storage.join(out, shard.name)):
             resolutions[f"{meta['width']}x{meta['height']}"] += 1
+            if manifest.buckets is not None:
+                per_bucket[meta.get(schema.BUCKET_FIELD, "none")] += 1
             widths.append(meta["width"])
             heights.append(meta["height"])
             caption_chars.append(len(caption))
@@ -45,6 +50,7 @@ def dataset_stats(out: str) -> dict:
         "num_bytes": manifest.num_bytes,
         "skipped": manifest.stats.get("skipped", {}),
         "resolutions": dict(resolutions.most_common(_TOP_RESOLUTIONS)),
+        "buckets": dict(per_bucket),
         "short_side_hist": histogram([min(w, h) for w, h in zip(widths, heights)], SHORT_SIDE_EDGES),
         "aspect_hist": histogram([w / h for w, h in zip(widths, heights)], ASPECT_EDGES),
         "caption_words_hist": histogram(caption_words, CAPTION_WORD_EDGES),
@@ -99,6 +105,7 @@ def format_stats(st: dict) -> str:
         "resolutions (top): " + ", ".join(f"{k}: {v}" for k, v in st["resolutions"].items()),
         "shorter side:  " + _hist_line(st["short_side_hist"]),
         "aspect w/h:    " + _hist_line(st["aspect_hist"]),
+        *(["buckets (WxH): " + ", ".join(f"{k}: {v}" for k, v in st["buckets"].items())] if st["buckets"] else []),
         "caption words: " + _hist_line(st["caption_words_hist"]),
     ]
     for name in ("caption_chars", "caption_words"):
@@ -113,22 +120,23 @@ def _hist_line(hist: list[dict]) -> str:
 
 
 def plot_stats(st: dict, path: str) -> None:
-    """Three bar charts (shorter side, aspect, caption words) into a PNG."""
+    """Bar charts (shorter side, aspect, caption words, and buckets if any) into a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key, title in zip(
-        axes,
-        ("short_side_hist", "aspect_hist", "caption_words_hist"),
-        ("shorter side (px)", "aspect ratio (w/h)", "caption length (words)"),
-    ):
-        hist = st[key]
-        labels = [f"{b['lo']:g}-{'' if b['hi'] is None else format(b['hi'], 'g')}" for b in hist]
-        ax.bar(range(len(hist)), [b["count"] for b in hist])
-        ax.set_xticks(range(len(hist)), labels, rotation=45, fontsize=7)
+    charts = [(st[key], title) for key, title in (("short_side_hist", "shorter side (px)"),
+                                                  ("aspect_hist", "aspect ratio (w/h)"),
+                                                  ("caption_words_hist", "caption length (words)"))]
+    bars = [([f"{b['lo']:g}-{'' if b['hi'] is None else format(b['hi'], 'g')}" for b in hist],
+             [b["count"] for b in hist], title) for hist, title in charts]
+    if st["buckets"]:
+        bars.append((list(st["buckets"]), list(st["buckets"].values()), "bucket (WxH)"))
+    fig, axes = plt.subplots(1, len(bars), figsize=(5 * len(bars), 4))
+    for ax, (labels, counts, title) in zip(axes, bars):
+        ax.bar(range(len(counts)), counts)
+        ax.set_xticks(range(len(counts)), labels, rotation=45, fontsize=7)
         ax.set_title(title)
     fig.suptitle(f"{st['dataset']}: {st['num_samples']} samples")
     fig.tight_layout()

@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from PIL import Image
 from tqdm import tqdm
 
-from data_tools import schema, storage
+from data_tools import buckets, schema, storage
 
 
 def load_manifest(out: str) -> schema.Manifest:
@@ -46,7 +46,7 @@ def verify_dataset(out: str, *, workers: int = 1, progress: bool = True) -> dict
     except (FileNotFoundError, ValueError) as e:
         report["problems"].append({"shard": None, "key": None, "problem": str(e)})
         return report
-    tasks = [(out, s.name, s.num_samples, s.bytes, s.sha256) for s in manifest.shards]
+    tasks = [(out, s.name, s.num_samples, s.bytes, s.sha256, s.bucket) for s in manifest.shards]
     bar = tqdm(total=len(tasks), unit="shard", desc="verify", disable=not progress, file=sys.stderr)
     results = []
     if workers == 1 or len(tasks) <= 1:
@@ -67,8 +67,9 @@ def verify_dataset(out: str, *, workers: int = 1, progress: bool = True) -> dict
     return report
 
 
-def verify_shard(out: str, name: str, num_samples: int, num_bytes: int, sha256: str) -> tuple[int, list[dict]]:
-    """(samples found, problems) for one shard."""
+def verify_shard(out: str, name: str, num_samples: int, num_bytes: int, sha256: str,
+                 bucket: str | None = None) -> tuple[int, list[dict]]:
+    """(samples found, problems) for one shard (`bucket`: its "WxH" in a bucketed dataset)."""
     url = storage.join(out, name)
 
     def problem(text: str, key: str | None = None) -> dict:
@@ -88,7 +89,7 @@ def verify_shard(out: str, name: str, num_samples: int, num_bytes: int, sha256: 
     except (tarfile.TarError, OSError, EOFError) as e:
         return 0, problems + [problem(f"not a readable tar: {e}")]
     for key, members in samples.items():
-        problems.extend(problem(p, key) for p in check_sample(members))
+        problems.extend(problem(p, key) for p in check_sample(members, bucket))
     if len(samples) != num_samples:
         problems.append(problem(f"{len(samples)} samples != manifest {num_samples}"))
     return len(samples), problems
@@ -104,8 +105,9 @@ def _group_members(data: bytes) -> dict[str, list[tuple[str, bytes]]]:
     return samples
 
 
-def check_sample(members: list[tuple[str, bytes]]) -> list[str]:
-    """Problems with one sample's members (ext, bytes); empty when the sample is good."""
+def check_sample(members: list[tuple[str, bytes]], bucket: str | None = None) -> list[str]:
+    """Problems with one sample's members (ext, bytes); empty when the sample is good. `bucket`: the
+    "WxH" its shard holds (a bucketed dataset)."""
     exts = [ext for ext, _ in members]
     problems = []
     image_exts = [e for e in exts if e in schema.IMAGE_EXTS]
@@ -136,6 +138,12 @@ def check_sample(members: list[tuple[str, bytes]]) -> list[str]:
         return problems + [f"image does not decode: {type(e).__name__}: {e}"]
     if not missing and (img.width, img.height) != (meta["width"], meta["height"]):
         problems.append(f"image is {img.width}x{img.height}, json says {meta['width']}x{meta['height']}")
+    if bucket is not None:
+        size = buckets.Bucket.parse(bucket)
+        if (img.width, img.height) != (size.width, size.height):
+            problems.append(f"image is {img.width}x{img.height}, its shard's bucket is {bucket}")
+        if meta.get(schema.BUCKET_FIELD) != bucket:
+            problems.append(f"json bucket {meta.get(schema.BUCKET_FIELD)!r} is not its shard's bucket {bucket}")
     return problems
 
 
