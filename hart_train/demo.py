@@ -5,8 +5,8 @@
 Steps, each the real CLI in a subprocess, timed: build the emoji dataset (`hart-data shard`, then split
 into a training set, a held-out set and the t2i subset, `hart-data verify` each), train `tokenizer-vq` ->
 `tokenizer-hybrid` -> `t2i` with 2 DeepSpeed ranks through `launch/train.sh` (configs/demo_*.yaml),
-sample a grid (`hart-sample`), and write OUT/report.md and OUT/report.json. The grid's path is the last
-line of stdout.
+sample a grid (`hart-sample`), and write OUT/report.md and OUT/report.json. The labelled grid's path is
+the last line of stdout.
 
 Design decisions:
 - Subprocesses, not in-process calls: the demo exercises exactly what a user runs (the DeepSpeed
@@ -23,6 +23,12 @@ Design decisions:
   `hart-train run` resumes from its newest complete checkpoint or returns at once if already done.
 - The report measures that samples differ: the mean absolute pixel difference between the rows
   (prompts) of the grid, beside the spread within a row (seeds), both in 0..255 units.
+- The report shows the grid as a person can look at it (`labelled_grid`): each row beside its prompt, each
+  32px sample upscaled to 128px without smoothing (nearest neighbour, so what is shown is what was
+  sampled). The t2i stage evaluates the held-out split every `run.eval_every` steps (raw and EMA weights,
+  configs/demo_t2i.yaml); the report plots those held-out losses beside the training ones (`heldout_plot`).
+- `add_evaluation(report, json_path)` puts a `hart-eval` result (FID, CLIP score, ...) into the report
+  as its own section.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
-from PIL import Image
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
 
 from hart_train.checkpoint import latest_complete
 from hart_train.metrics import read_jsonl
@@ -60,6 +67,10 @@ STAGES = (  # (run name, config); each stage reads its predecessor's newest chec
     ("demo-t2i", "configs/demo_t2i.yaml"),
 )
 LOSS_COLUMNS = ("loss", "recon", "vq", "gan_g", "gan_d", "ce", "acc", "diff_loss")  # the report's table
+HELDOUT_COLUMNS = ("loss", "ce", "acc", "diff_loss")  # of the t2i stage's held-out evaluation (eval/, eval_ema/)
+CELL_PX = 128              # a sample's size in the labelled grid (upscaled by an integer factor, nearest)
+GAP_PX = 4
+LABEL_FONT_PX = 18
 SHOWN_PREFIXES = ("step ", "saved checkpoint", "parameters:", "resumed from", "Traceback")  # of training logs
 
 
@@ -228,7 +239,7 @@ def train_stages(runs_dir: str, urls: tuple[str, str, str], logs: str, env, timi
         if name == "demo-tokenizer-hybrid":
             overrides.append(f"run.init_from={previous}")
         if name == "demo-t2i":
-            overrides.append(f"t2i.tokenizer_ckpt={previous}")
+            overrides += [f"t2i.tokenizer_ckpt={previous}", f"t2i.eval_url={heldout_url}"]
         with timings.measure(name):
             run_logged(stage_command(config, runs_dir, overrides), os.path.join(logs, f"{name}.log"), env)
         previous = latest_complete(os.path.join(runs_dir, name, "ckpt"))
@@ -261,7 +272,65 @@ def loss_table(records: list[dict], num_rows: int = 11) -> list[dict]:
 
 def last_eval(records: list[dict]) -> dict:
     evals = [r for r in records if any(k.startswith("eval/") for k in r)]
-    return {k: v for k, v in evals[-1].items() if k.startswith("eval/") or k == "step"} if evals else {}
+    return {k: v for k, v in evals[-1].items() if k.startswith(("eval/", "eval_ema/")) or k == "step"} if evals else {}
+
+
+def heldout_plot(records: list[dict], path: str) -> bool:
+    """The t2i held-out CE and diffusion loss over the steps, raw and EMA weights, beside the training
+    ones (logged per window of steps, on the training batches); False (no file) without held-out lines."""
+    evals = [r for r in records if "eval/ce" in r]
+    if not evals:
+        return False
+    train = [r for r in records if "ce" in r]
+    fig = Figure(figsize=(10, 3.6), dpi=100, layout="constrained")
+    for ax, key, title in zip(fig.subplots(1, 2), ("ce", "diff_loss"), ("cross-entropy", "diffusion loss")):
+        ax.plot([r["step"] for r in train], [r[key] for r in train], color="0.7", label="training batches")
+        for prefix, style in (("eval", "o-"), ("eval_ema", "s--")):
+            shown = [r for r in evals if f"{prefix}/{key}" in r]
+            ax.plot([r["step"] for r in shown], [r[f"{prefix}/{key}"] for r in shown], style, ms=4,
+                    label=f"held-out, {'EMA' if prefix == 'eval_ema' else 'raw'} weights")
+        ax.set(title=title, xlabel="step")
+        ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path)
+    return True
+
+
+def labelled_grid(grid_path: str, prompts: list[str], out_path: str, cell_px: int = CELL_PX) -> None:
+    """The grid (one row of square samples per prompt) with each row's prompt on its left and every sample
+    upscaled by an integer factor to about `cell_px` with nearest-neighbour resampling (no smoothing),
+    `GAP_PX` of white between samples."""
+    grid = Image.open(grid_path).convert("RGB")
+    h = grid.height // len(prompts)
+    cols, scale = grid.width // h, max(1, cell_px // h)
+    cell = h * scale
+    font = ImageFont.load_default(size=LABEL_FONT_PX)
+    label_w = 16 + max(int(font.getlength(p)) for p in prompts)
+    out = Image.new("RGB", (label_w + cols * (cell + GAP_PX), len(prompts) * (cell + GAP_PX)), "white")
+    draw = ImageDraw.Draw(out)
+    for r, prompt in enumerate(prompts):
+        y = r * (cell + GAP_PX)
+        draw.text((8, y + cell / 2), prompt, fill="black", font=font, anchor="lm")
+        for c in range(cols):
+            sample = grid.crop((c * h, r * h, (c + 1) * h, (r + 1) * h))
+            out.paste(sample.resize((cell, cell), Image.Resampling.NEAREST), (label_w + c * (cell + GAP_PX), y))
+    out.save(out_path)
+
+
+def add_evaluation(report: dict, json_path: str) -> None:
+    """Put a `hart-eval` result (a JSON object: its metrics and settings) into `report` under "evaluation",
+    where `report_markdown` shows it as its own section; rewrite the report with `write_report` after."""
+    with open(json_path, encoding="utf-8") as f:
+        report["evaluation"] = {"source": os.path.abspath(json_path), "results": json.load(f)}
+
+
+def _evaluation_markdown(evaluation: dict) -> list[str]:
+    rows = [{"name": k, "value": v} for k, v in evaluation["results"].items() if not isinstance(v, (dict, list))]
+    nested = [k for k, v in evaluation["results"].items() if isinstance(v, (dict, list))]
+    lines = ["", "## Evaluation", "", f"From `{evaluation['source']}`.", ""] + _markdown_table(rows)
+    if nested:
+        lines += ["", f"Further entries in the JSON: {', '.join(f'`{k}`' for k in nested)}."]
+    return lines
 
 
 def row_differences(grid_path: str, rows: int) -> dict:
@@ -290,17 +359,23 @@ def _files(directory: str) -> list[str]:
 
 
 def collect_report(out: str, runs_dir: str, ckpts: dict, grid: str, timings: Timings, mode: str) -> dict:
+    """report.json's content; writes the labelled grid and the held-out plot beside it into `out`."""
+    out = os.path.abspath(out)
     stages = {}
     for name, _ in STAGES:
         records = read_jsonl(os.path.join(runs_dir, name, "metrics.jsonl"))
         table = loss_table(records)
+        plot = os.path.join(out, f"heldout_{name}.png")
         stages[name] = {"wall_s": timings.steps.get(name), "checkpoint": ckpts.get(name),
                         "losses": table, "eval": last_eval(records),
+                        "heldout_plot": plot if heldout_plot(records, plot) else None,
                         "images": _files(os.path.join(runs_dir, name, "images")),
                         "wandb": wandb_dirs(os.path.join(runs_dir, name))}
-    return {"out": os.path.abspath(out), "logs": os.path.join(os.path.abspath(out), "logs"), "data": mode, "prompts": PROMPTS, "grid": os.path.abspath(grid),
-            "grid_differences": row_differences(grid, len(PROMPTS)), "timings_s": timings.steps,
-            "total_s": round(sum(timings.steps.values()), 1), "stages": stages}
+    labelled = os.path.join(out, "samples_labelled.png")
+    labelled_grid(grid, PROMPTS, labelled)
+    return {"out": out, "logs": os.path.join(out, "logs"), "data": mode, "prompts": PROMPTS, "grid": os.path.abspath(grid),
+            "grid_labelled": labelled, "grid_differences": row_differences(grid, len(PROMPTS)),
+            "timings_s": timings.steps, "total_s": round(sum(timings.steps.values()), 1), "stages": stages}
 
 
 def _markdown_table(rows: list[dict]) -> list[str]:
@@ -312,12 +387,28 @@ def _markdown_table(rows: list[dict]) -> list[str]:
             + ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows])
 
 
+def _relative(report: dict, path: str) -> str:
+    """`path` as report.md (in the report's directory) links it."""
+    return os.path.relpath(path, report["out"])
+
+
+def _heldout_markdown(e: dict) -> list[str]:
+    """The t2i held-out numbers of the last evaluation, raw and EMA weights."""
+    rows = [{"weights": weights, **{k: e[f"{prefix}/{k}"] for k in HELDOUT_COLUMNS if f"{prefix}/{k}" in e}}
+            for weights, prefix in (("raw", "eval"), ("EMA", "eval_ema")) if f"{prefix}/loss" in e]
+    return [f"Held-out losses at step {e['step']} (the held-out split, every last-scale token, fixed draws):",
+            ""] + _markdown_table(rows) + [""]
+
+
 def report_markdown(report: dict) -> str:
     d = report["grid_differences"]
     lines = ["# hart-train demo report", "",
              f"Data: {report['data']}. Total wall time: {report['total_s']:.0f} s. "
              f"Logs of every step: `{report['logs']}`.", "",
-             f"Sample grid (one row per prompt: {', '.join(report['prompts'])}): `{report['grid']}`", "",
+             f"Samples of the t2i model (`hart-sample`, EMA weights, {IMAGES_PER_PROMPT} seeds per prompt, "
+             f"upscaled without smoothing):", "",
+             f"![samples, one row per prompt]({_relative(report, report['grid_labelled'])})", "",
+             f"The grid at its own resolution: `{report['grid']}`.", "",
              f"Mean |pixel difference| between prompts' average images: {d['between_prompts_mean']:.1f} "
              f"(smallest pair {d['between_prompts_min']:.1f}); between seeds of one prompt: "
              f"{d['within_prompt_mean']:.1f} (0..255 units).", "", "## Wall time per step", "",
@@ -325,14 +416,24 @@ def report_markdown(report: dict) -> str:
     lines += [f"| {k} | {v:.1f} |" for k, v in report["timings_s"].items()]
     for name, s in report["stages"].items():
         lines += ["", f"## {name}", "", f"Checkpoint: `{s['checkpoint']}`", ""]
-        if s["eval"]:
-            e = s["eval"]
+        e = s["eval"]
+        if "eval/psnr_discrete" in e:
             lines += [f"Held-out reconstruction at step {e['step']}: PSNR discrete-only "
                       f"{e['eval/psnr_discrete']:.2f} dB (SSIM {e['eval/ssim_discrete']:.3f}), continuous "
                       f"{e['eval/psnr_continuous']:.2f} dB (SSIM {e['eval/ssim_continuous']:.3f}).", ""]
+        if "eval/ce" in e:
+            lines += _heldout_markdown(e)
+        if s.get("heldout_plot"):
+            lines += [f"![held-out and training losses of {name}]({_relative(report, s['heldout_plot'])})", ""]
+        if name == "demo-t2i" and "eval/ce" in e:
+            lines += [f"The t2i stage trains on {T2I_CAPTIONS} captions, each seen about 75 times, so that it ties "
+                      "the prompts to their images; the held-out emoji are others (people and activities). Once "
+                      "it memorises its captions, its held-out cross-entropy rises again: the plot shows when.", ""]
         lines += _markdown_table(s["losses"])
         lines += ["", f"wandb offline runs: {', '.join(f'`{w}`' for w in s['wandb']) or 'none'}",
                   f"images: {', '.join(f'`{i}`' for i in s['images']) or 'none'}"]
+    if "evaluation" in report:
+        lines += _evaluation_markdown(report["evaluation"])
     return "\n".join(lines) + "\n"
 
 
@@ -383,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     report["total_s"] = round(time.perf_counter() - t0, 1)
     path = write_report(report, args.out)
     print(open(path, encoding="utf-8").read(), flush=True)
-    print(report["grid"], flush=True)
+    print(report["grid_labelled"], flush=True)
     return 0
 
 

@@ -156,8 +156,14 @@ class T2IStageConfig:
     sample_cfg: float = 4.5
     sample_top_k: int = 600
     sample_seed: int = 0
+    # held-out set: image shards (token shards with data.kind: tokens, encoded like data.urls); None: none.
+    # Its first `eval_samples` samples are evaluated at every run.eval_every steps and at the end.
+    eval_url: Optional[str] = None
+    eval_samples: int = 64
 
     def __post_init__(self):
+        if self.eval_samples < 1:
+            raise ValueError(f"eval_samples must be >= 1, got {self.eval_samples}")
         if self.model.context_token != self.text_encoder.max_length:
             raise ValueError(f"model.context_token ({self.model.context_token}) must equal "
                              f"text_encoder.max_length ({self.text_encoder.max_length})")

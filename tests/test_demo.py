@@ -29,6 +29,20 @@ def _write_metrics(run_dir: str, num_steps: int, with_eval: bool) -> None:
                                 "eval/ssim_continuous": 0.8}) + "\n")
 
 
+def _write_t2i_metrics(run_dir: str, num_steps: int) -> None:
+    """Training lines every 10 steps and held-out lines (raw and EMA weights) every 50, as the t2i stage logs them."""
+    os.makedirs(os.path.join(run_dir, "wandb", "offline-run-20260101_000000-abc"))
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        for step in range(10, num_steps + 1, 10):
+            f.write(json.dumps({"step": step, "time": 1.0, "loss": 3.0 / step + 1, "ce": 2.0 / step + 1,
+                                "acc": 0.1, "diff_loss": 1.0 / step}) + "\n")
+            if step % 50 == 0:
+                held = {f"{p}/{k}": v + (0.1 if p == "eval_ema" else 0.0) for p in ("eval", "eval_ema")
+                        for k, v in (("loss", 2.0), ("ce", 1.5), ("acc", 0.2), ("diff_loss", 0.5),
+                                     ("ce/scale_00", 1.0))}
+                f.write(json.dumps({"step": step, "time": 2.0, **held}) + "\n")
+
+
 def _grid(path: str, rows: int, cols: int, size: int = 8) -> None:
     """Row r is a flat image of value 40*r; within a row all cells are equal."""
     img = np.zeros((rows * size, cols * size, 3), np.uint8)
@@ -61,7 +75,10 @@ def test_row_differences_separate_prompts_from_seeds(tmp_path):
 def test_report_has_timings_losses_psnr_and_paths(tmp_path):
     out, runs = str(tmp_path), str(tmp_path / "runs")
     for name, _ in demo.STAGES:
-        _write_metrics(os.path.join(runs, name), 100, with_eval=name != "demo-t2i")
+        if name == "demo-t2i":
+            _write_t2i_metrics(os.path.join(runs, name), 100)
+        else:
+            _write_metrics(os.path.join(runs, name), 100, with_eval=True)
     grid = str(tmp_path / "samples.png")
     _grid(grid, rows=len(demo.PROMPTS), cols=demo.IMAGES_PER_PROMPT)
     timings = demo.Timings({"dataset": 20.0, "demo-tokenizer-vq": 300.0, "demo-tokenizer-hybrid": 150.0,
@@ -75,10 +92,61 @@ def test_report_has_timings_losses_psnr_and_paths(tmp_path):
     vq = saved["stages"]["demo-tokenizer-vq"]
     assert vq["eval"]["eval/psnr_discrete"] == 21.5 and vq["losses"][-1]["step"] == 100
     assert vq["wandb"][0].endswith("offline-run-20260101_000000-abc")
-    assert saved["stages"]["demo-t2i"]["eval"] == {}
+    t2i = saved["stages"]["demo-t2i"]
+    assert t2i["eval"]["step"] == 100 and t2i["eval"]["eval/ce"] == 1.5 and t2i["eval"]["eval_ema/ce"] == 1.6
+    assert vq["heldout_plot"] is None and Image.open(t2i["heldout_plot"]).size == (1000, 360)
+    assert Image.open(saved["grid_labelled"]).height == len(demo.PROMPTS) * (demo.CELL_PX + demo.GAP_PX)
     md = open(md_path).read()
     assert "PSNR discrete-only 21.50 dB" in md and "continuous 25.00 dB" in md
     assert "| demo-t2i | 400.0 |" in md and grid in md and "step_00000100" in md
+    # the labelled grid and the held-out plot, linked relative to report.md; the last held-out numbers
+    assert "![samples, one row per prompt](samples_labelled.png)" in md
+    assert "![held-out and training losses of demo-t2i](heldout_demo-t2i.png)" in md
+    assert "Held-out losses at step 100" in md and "| raw | 2 | 1.5 | 0.2 | 0.5 |" in md
+    assert "| EMA | 2.1 | 1.6 | 0.3 | 0.6 |" in md and "## Evaluation" not in md
+
+
+def test_labelled_grid_puts_each_prompt_beside_its_samples_upscaled_without_smoothing(tmp_path):
+    rows, cols, size = 3, 4, 32
+    raw = np.random.default_rng(0).integers(0, 256, (rows * size, cols * size, 3), dtype=np.uint8)
+    Image.fromarray(raw).save(tmp_path / "grid.png")
+    prompts = ["red apple", "rocket", "a much longer prompt than the others"]
+    demo.labelled_grid(str(tmp_path / "grid.png"), prompts, str(tmp_path / "labelled.png"))
+    out = np.asarray(Image.open(tmp_path / "labelled.png").convert("RGB"))
+    cell, step = demo.CELL_PX, demo.CELL_PX + demo.GAP_PX
+    label_w = out.shape[1] - cols * step
+    assert out.shape[0] == rows * step and label_w > 0
+    # every sample 4x with nearest neighbour: its pixels, each as a 4x4 block, nothing interpolated
+    for r in range(rows):
+        for c in range(cols):
+            shown = out[r * step : r * step + cell, label_w + c * step : label_w + c * step + cell]
+            sample = raw[r * size : (r + 1) * size, c * size : (c + 1) * size]
+            assert (shown == sample.repeat(cell // size, axis=0).repeat(cell // size, axis=1)).all(), (r, c)
+    # one label per row, centred on it, as wide as its prompt
+    ink = np.argwhere(out[:, :label_w].min(axis=2) < 128)
+    ink_right = []
+    for r in range(rows):
+        in_row = ink[(ink[:, 0] >= r * step) & (ink[:, 0] < (r + 1) * step)]
+        assert len(in_row) > 0 and abs(in_row[:, 0].mean() - (r * step + cell / 2)) < cell / 4, r
+        ink_right.append(in_row[:, 1].max())
+    assert ink_right[1] < ink_right[0] < ink_right[2]  # "rocket" < "red apple" < the long one
+
+
+def test_add_evaluation_puts_a_hart_eval_result_into_the_report(tmp_path):
+    out, runs = str(tmp_path), str(tmp_path / "runs")
+    for name, _ in demo.STAGES:
+        _write_metrics(os.path.join(runs, name), 20, with_eval=False)
+    grid = str(tmp_path / "samples.png")
+    _grid(grid, rows=len(demo.PROMPTS), cols=demo.IMAGES_PER_PROMPT)
+    report = demo.collect_report(out, runs, {}, grid, demo.Timings({"dataset": 1.0}), "local directory")
+    result = tmp_path / "eval.json"
+    result.write_text(json.dumps({"fid": 41.25, "clip_score": 22.5, "num_images": 24, "settings": {"cfg": 4.5}}))
+    demo.add_evaluation(report, str(result))
+    md = open(demo.write_report(report, out)).read()
+    assert json.load(open(tmp_path / "report.json"))["evaluation"]["results"]["fid"] == 41.25
+    section = md[md.index("## Evaluation"):]
+    assert str(result) in section and "| fid | 41.25 |" in section and "| clip_score | 22.5 |" in section
+    assert "| num_images | 24 |" in section and "`settings`" in section
 
 
 def test_dataset_split_holds_out_one_shard():

@@ -16,11 +16,35 @@ is then built lazily, the first time a sample grid needs the prompts encoded (ne
 `sample_prompts`); with image data it is built up front, so a broken text encoder fails before step 1.
 
 `head_only` freezes everything but the diffusion head (`diffloss.*`): one config flag, no new code.
-Sample grids during training use the raw (not EMA) weights, since swapping EMA weights into a ZeRO-3
-module would need a gather of the whole model; `hart-sample` uses the EMA weights.
+Sample grids during training use the raw (not EMA) weights; `hart-sample` uses the EMA weights.
+
+Held-out evaluation (`t2i.eval_url`, `evaluate`): the per-scale cross-entropy and token accuracy, the
+diffusion loss and their totals, named as the training log names them under `eval/` (raw weights) and
+`eval_ema/` (EMA weights), averaged over every held-out token (CE, accuracy) and sample (diffusion):
+sums and counts are all-reduced, not means of means. Decisions:
+- The set is fixed: the first `t2i.eval_samples` samples of `eval_url` in the reader's order for seed 0 on
+  one rank, read once per rank and cut into micro-batches of `data.batch_size` (batch c holds samples
+  c*B..c*B+B-1) that go to the ranks round robin (c % world). A batch's numbers do not depend on which rank
+  computes it, and the per-batch sums are added in batch order whatever the number of ranks, so the
+  results are bit-identical on any number of ranks wherever one batch's forward is bit-reproducible (the
+  same kernels and threads per rank; tests/test_t2i_eval.py checks 1 against 2 ranks). A rank left without
+  a batch in the last round runs a spare one and drops it: ZeRO-3 gathers the weights collectively.
+- The forward is the training forward with every draw given: all last-scale tokens kept (as the sampler
+  runs the last scale, so CE and accuracy need no draw at all), no text dropped (the conditional model, the
+  one CFG guides), no drop path, and the diffusion timesteps and noise of sample i drawn from (run.seed, i)
+  alone. The last-scale token the diffusion residual is relative to is drawn as in training (the model's own
+  top-k/top-p sample) from a generator seeded by (run.seed, the batch's first sample). None of it touches the
+  training RNG streams, so a run with evaluation trains exactly as one without.
+- The EMA weights are evaluated in place (`ema_weights`): each rank writes its own EMA piece into the
+  parameters it holds (under ZeRO-3 its partitions: no rank gathers the model) and puts the raw ones back
+  bit for bit afterwards.
 """
 
 from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -28,16 +52,38 @@ import torch.distributed as dist
 from safetensors import safe_open
 from torch import nn
 
+from data_tools import schema, storage
 from data_tools.encode import load_tokenizer
 from data_tools.reader import StreamingReader
 from data_tools.samples import to_unit_range
 from data_tools.text_encoder import TextEncoder
 from hart_train import distributed as D
 from hart_train import zero_utils
-from hart_train.models import HARTForT2I
+from hart_train.models import HARTForT2I, TrainDraws
 from hart_train.flops import expected_kept_last
 from hart_train.models.hart_t2i import REGENERABLE_BUFFERS, check_regenerable_buffers
 from hart_train.sampling import sample_images
+
+# the members of one held-out sample, per data.kind, as the reader's batches hold them
+SAMPLE_KEYS = {"images": ("image", "caption", "key"),
+               "tokens": ("idx", "frest", "context", "context_mask", "context_position_ids", "caption", "key")}
+_DIFFUSION_DRAWS, _TOKEN_DRAWS = 1, 2  # the held-out draw streams
+
+
+def eval_seed(run_seed: int, index: int, stream: int) -> int:
+    """The seed of held-out sample `index`'s draws of `stream`: a function of (run seed, index) alone, apart
+    from every training stream (those are seeded with small integers)."""
+    entropy = [run_seed % 2**64, 0x4E1D_0E7A, stream, index]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+
+
+@dataclasses.dataclass
+class HeldOut:
+    """The held-out set as this rank evaluates it (`T2IStage._read_held_out`)."""
+
+    num_batches: int  # evaluation micro-batches in all, over all ranks
+    mine: list[tuple[int, int, dict]]  # this rank's: (batch index, its first sample's index, inputs on the host)
+    spare: dict | None  # inputs of a batch this rank runs and discards when it has none left in a round
 
 
 class T2IStage:
@@ -52,6 +98,8 @@ class T2IStage:
         self.tokenizer.to(device)
         self._text_encoder = TextEncoder(self.stage_cfg.text_encoder, device) if cfg.data.kind == "images" else None
         self._log: dict = {}
+        self._eval_reader = self._held_out_reader() if self.stage_cfg.eval_url else None
+        self._held_out: HeldOut | None = None  # read at the first evaluation, then kept
 
     @property
     def text_encoder(self) -> TextEncoder:
@@ -134,8 +182,135 @@ class T2IStage:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    # -------------------------------------------------------------- held-out evaluation
+    def _held_out_reader(self) -> StreamingReader:
+        """A one-rank reader of `eval_url` (seed 0, no window shuffle: the same order on every rank). Built
+        with the stage, so a missing or mismatched held-out set fails before the model is."""
+        url = self.stage_cfg.eval_url
+        rc = dataclasses.replace(self.cfg.data, urls=[url], num_workers=0, seed=0, shuffle_window=1)
+        try:
+            reader = StreamingReader(rc, rank=0, world_size=1)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"t2i.eval_url: {e}") from None
+        if self.cfg.data.kind == "tokens":
+            _check_same_encoding(url, self.cfg.data.urls[0])
+        return reader
+
+    def _read_held_out(self) -> HeldOut:
+        """The first `eval_samples` good samples in the reader's order, cut into micro-batches of
+        data.batch_size: batch c holds samples c*B..c*B+B-1. Every rank reads them all (the order is one
+        rank's) and keeps, prepared (tokenizer, text encoder) on the host, its own batches only, c % world ==
+        rank, and batch 0 as the spare where it has none."""
+        reader, want, keys = self._eval_reader, self.stage_cfg.eval_samples, SAMPLE_KEYS[self.cfg.data.kind]
+        size, rank, world = self.cfg.data.batch_size, D.rank(), D.world_size()
+        kept: dict[int, list[dict]] = {}
+        count = 0
+        try:
+            for batch in reader:
+                if batch["epoch"] > 0:  # fewer good samples than asked for: all of them
+                    break
+                for i in range(min(self.batch_size(batch), want - count)):
+                    c = (count + i) // size
+                    if c % world == rank or c == 0:
+                        kept.setdefault(c, []).append({k: _sample_of(batch[k], i) for k in keys})
+                count = min(want, count + self.batch_size(batch))
+                if count == want:
+                    break
+        finally:
+            reader.close()
+        num_batches = -(-count // size)
+        mine = [(c, c * size, self._prepare_held_out(kept[c])) for c in range(rank, num_batches, world)]
+        spare = mine[0][2] if mine else self._prepare_held_out(kept[0]) if num_batches else None
+        return HeldOut(num_batches, mine, spare)
+
+    def _prepare_held_out(self, samples: list[dict]) -> dict:
+        batch = {k: torch.stack([s[k] for s in samples]) if torch.is_tensor(samples[0][k]) else [s[k] for s in samples]
+                 for k in samples[0]}
+        inputs = self.prepare(batch, step=0)
+        return {k: _moved(v, "cpu") for k, v in inputs.items() if k not in ("codebook", "generator")}
+
+    @torch.no_grad()
     def evaluate(self, module: nn.Module, ema, step: int) -> dict:
-        return {}
+        """Held-out CE / accuracy per scale and diffusion loss with the raw weights (`eval/...`) and the EMA
+        weights (`eval_ema/...`); {} without `eval_url`. Collective: every rank runs the same forwards."""
+        if self._eval_reader is None:
+            return {}
+        if self._held_out is None:
+            self._held_out = self._read_held_out()
+        held = self._held_out
+        if held.num_batches == 0:
+            return {}
+        was_training = module.training
+        module.eval()
+        # every draw here comes from its own generator; fork_rng keeps the global streams (the training's)
+        # as they were whatever a frozen encoder does while preparing the first evaluation
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            values = self._evaluate_weights(module, held, "eval")
+            if ema is not None:
+                with ema_weights(module, ema):
+                    values.update(self._evaluate_weights(module, held, "eval_ema"))
+        module.train(was_training)
+        return values
+
+    def _evaluate_weights(self, module: nn.Module, held: HeldOut, prefix: str) -> dict:
+        """Each batch's sums in its own row of a table, summed in batch order after the all-reduce (every
+        other rank adds an exact zero to a row): the same result on any number of ranks."""
+        world = D.world_size()
+        sums = torch.zeros(held.num_batches, 2 * len(self.stage_cfg.model.patch_nums) + 4, dtype=torch.float64,
+                           device=self.device)
+        for j in range(-(-held.num_batches // world)):
+            if j < len(held.mine):
+                c, first, inputs = held.mine[j]
+                sums[c] = self._batch_sums(module, first, inputs)
+            else:
+                self._batch_sums(module, 0, held.spare)
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        return self._held_out_values(sums.sum(dim=0), prefix)
+
+    def _batch_sums(self, module: nn.Module, first: int, inputs: dict) -> torch.Tensor:
+        """One held-out micro-batch (samples first, first+1, ...): CE and correct tokens per scale, diffusion
+        loss, mse and vb per sample (each sample has the same number of diffusion rows), the sample count."""
+        pn = self.stage_cfg.model.patch_nums
+        B = inputs["context"].shape[0]
+        tokens = D.generator(self.device).manual_seed(eval_seed(self.cfg.run.seed, first, _TOKEN_DRAWS))
+        out = module(**{k: _moved(v, self.device) for k, v in inputs.items()}, codebook=self.tokenizer.quantize.codebook(),
+                     generator=tokens, draws=self._held_out_draws(module, first, B))
+        per_scale = torch.tensor([B * p * p for p in pn], dtype=torch.float64, device=self.device)
+        diffusion = torch.stack([out["diff_loss"], out["diff_mse"], out["diff_vb"]]).double() * B
+        return torch.cat([out["ce_per_scale"].double() * per_scale, out["acc_per_scale"].double() * per_scale,
+                          diffusion, per_scale.new_tensor([B])])
+
+    def _held_out_draws(self, module: nn.Module, first: int, B: int) -> TrainDraws:
+        """Keep every last-scale token, drop no text; the diffusion timesteps and noise of sample i from a
+        CPU generator seeded by (run.seed, i) (the same values on any device)."""
+        mc = self.stage_cfg.model
+        n, mul = mc.patch_nums[-1] ** 2, mc.diffusion_batch_mul
+        steps = module.diffloss.train_diffusion.num_timesteps
+        t, noise = [], []
+        for i in range(first, first + B):
+            g = torch.Generator().manual_seed(eval_seed(self.cfg.run.seed, i, _DIFFUSION_DRAWS))
+            t.append(torch.randint(0, steps, (mul, n), generator=g))
+            noise.append(torch.randn(mul, n, mc.Cvae, generator=g))
+        # the forward's diffusion rows are (copy m, sample b, token j) -> m*B*n + b*n + j
+        dev = self.device
+        return TrainDraws(keep_last_idx=torch.arange(n, device=dev).repeat(B, 1),
+                          drop_text=torch.zeros(B, dtype=torch.bool, device=dev),
+                          diff_t=torch.stack(t, dim=1).reshape(-1).to(dev),
+                          diff_noise=torch.stack(noise, dim=1).reshape(-1, mc.Cvae).to(dev))
+
+    def _held_out_values(self, total: torch.Tensor, prefix: str) -> dict:
+        mc = self.stage_cfg.model
+        S = len(mc.patch_nums)
+        ce, correct, diffusion, num = total[:S], total[S : 2 * S], total[2 * S : 2 * S + 3], total[-1]
+        tokens = num * torch.tensor([p * p for p in mc.patch_nums], dtype=torch.float64, device=total.device)
+        diff_loss, diff_mse, diff_vb = (diffusion / num).tolist()
+        values = {f"{prefix}/loss": float(ce.sum() / tokens.sum()) + mc.diff_weight * diff_loss,
+                  f"{prefix}/ce": float(ce.sum() / tokens.sum()), f"{prefix}/acc": float(correct.sum() / tokens.sum()),
+                  f"{prefix}/diff_loss": diff_loss, f"{prefix}/diff_mse": diff_mse, f"{prefix}/diff_vb": diff_vb}
+        values.update({f"{prefix}/ce/scale_{i:02d}": float(v) for i, v in enumerate(ce / tokens)})
+        values.update({f"{prefix}/acc/scale_{i:02d}": float(v) for i, v in enumerate(correct / tokens)})
+        return values
 
     @torch.no_grad()
     def images(self, module: nn.Module, ema, step: int) -> dict[str, np.ndarray]:
@@ -150,3 +325,83 @@ class T2IStage:
         module.train(was_training)
         grid = torch.cat(list(imgs), dim=2)  # 3, H, N*W
         return {"samples": (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()}
+
+
+def _sample_of(member, i: int):
+    """Sample i of a batch member: a copy of its row (not a view that keeps the whole batch alive), or the item."""
+    return member[i].clone() if torch.is_tensor(member) else member[i]
+
+
+def _moved(v, device):
+    """A prepared input (a tensor or a list of per-scale tensors) on `device`."""
+    return [t.to(device) for t in v] if isinstance(v, list) else v.to(device)
+
+
+def _token_encoding(url: str) -> dict:
+    options = schema.Manifest.from_json(storage.read_text(storage.join(url, schema.MANIFEST_NAME)),
+                                        where=storage.redact(url)).options
+    text = options.get("text_encoder", {})
+    return {"tokenizer weights sha256": options.get("tokenizer_sha256"), "patch_nums": options.get("patch_nums"),
+            **{f"text encoder {k}": text.get(k) for k in ("resolved_kind", "max_length", "use_system_prompt", "hidden_size")}}
+
+
+def _check_same_encoding(eval_url: str, train_url: str) -> None:
+    """Held-out token shards must be encoded as the training ones (which `validate_paths` matched to the run)."""
+    ours, held = _token_encoding(train_url), _token_encoding(eval_url)
+    for what, value in ours.items():
+        if held[what] != value:
+            raise ValueError(f"t2i.eval_url: its token shards were encoded with {what} {held[what]!r}, data.urls[0]'s "
+                             f"with {value!r}; encode the held-out set as the training set (`hart-data encode`)")
+
+
+# ---------------------------------------------------------------------- EMA weights in place
+@contextlib.contextmanager
+def ema_weights(module: nn.Module, ema) -> Iterator[None]:
+    """`module` computes with the EMA weights inside the block; its raw weights come back bit for bit after.
+    Collective. Each rank writes what it holds: under ZeRO-3 its partition of each parameter (the EMA keeps
+    exactly that piece), otherwise the whole weight, assembled from the EMA's pieces one at a time."""
+    held = [p.ds_tensor if hasattr(p, "ds_id") else p.data for p in ema.params]
+    raw = [t.clone() for t in held]
+    _write_held(module, held, [_whole_or_piece(p, s, ema.device) for p, s in zip(ema.params, ema.shadow)])
+    try:
+        yield
+    finally:
+        _write_held(module, held, raw)
+
+
+def _whole_or_piece(p: nn.Parameter, shadow: torch.Tensor, device) -> torch.Tensor:
+    """What this rank writes for `p`: its ZeRO-3 partition, or the whole weight (collective where the EMA is
+    in fragments, ZeRO-1/2 and DeepSpeed's bf16 optimizer: disjoint fragments sum to the weight)."""
+    if hasattr(p, "ds_id") or not hasattr(p, "_hp_mapping"):
+        return shadow
+    whole = torch.zeros(p.numel(), dtype=torch.float32, device=device)
+    if p._hp_mapping is not None:
+        a = p._hp_mapping.lp_fragment_address
+        whole.narrow(0, a.start, a.numel).copy_(shadow)
+    if dist.is_initialized():
+        dist.all_reduce(whole)
+    return whole
+
+
+@torch.no_grad()
+def _write_held(module: nn.Module, held: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    """Copy `values` into the storage each parameter is held in. Under ZeRO-3 a parameter gathered whole
+    keeps its gathered copy, which a forward would use instead of the partition: the persistent small ones,
+    those kept for reuse and those prefetched after the last forward. So every gather is first completed and
+    released, and the persistent ones are gathered again afterwards, as DeepSpeed's optimizer step leaves them."""
+    zero3 = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if zero3:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        inflight = getattr(module, "ds_inflight_param_registry", {})
+        for handle in list(inflight.values()):
+            handle.wait()
+        inflight.clear()
+        gathered = [p for p in zero3 if p.ds_status == ZeroParamStatus.AVAILABLE]
+        if gathered:
+            gathered[0].partition(gathered)
+    for t, v in zip(held, values):
+        t.copy_(v.view_as(t))
+    persistent = [p for p in zero3 if p.ds_persist]
+    if persistent:
+        persistent[0].all_gather(persistent)
