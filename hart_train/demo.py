@@ -27,8 +27,13 @@ Design decisions:
   32px sample upscaled to 128px without smoothing (nearest neighbour, so what is shown is what was
   sampled). The t2i stage evaluates the held-out split every `run.eval_every` steps (raw and EMA weights,
   configs/demo_t2i.yaml); the report plots those held-out losses beside the training ones (`heldout_plot`).
-- `add_evaluation(report, json_path)` puts a `hart-eval` result (FID, CLIP score, ...) into the report
-  as its own section.
+- Evaluation with the project's own commands (`evaluate_samples`): `hart-eval generate` draws one image
+  for each of the t2i stage's 64 training captions (the evaluation protocol's settings, fp32 on this CPU);
+  `hart-eval fid` compares them with the real emoji of those captions, `hart-eval clip` scores them
+  against their captions, each when its network is on this machine (HART_INCEPTION_WEIGHTS,
+  HART_CLIP_MODEL: nothing is downloaded); otherwise the report says what to set. FID on 64 images is
+  biased and only comparable between runs of this demo. `add_evaluation(report, json_path)` puts a
+  `hart-eval` result into the report as its own section.
 """
 
 from __future__ import annotations
@@ -248,6 +253,32 @@ def train_stages(runs_dir: str, urls: tuple[str, str, str], logs: str, env, timi
     return ckpts
 
 
+def evaluate_samples(t2i_ckpt: str, t2i_folder: str, out: str, logs: str, env, timings) -> dict:
+    """hart-eval generate for the t2i captions, then fid / clip where their networks are present. Returns
+    {"generated": DIR, "results": [JSON paths], "skipped": [reasons]}."""
+    captions = [open(os.path.join(t2i_folder, n), encoding="utf-8").read() for n in sorted(os.listdir(t2i_folder))
+                if n.endswith(".txt")]
+    prompts = os.path.join(out, "eval_prompts.txt")
+    with open(prompts, "w", encoding="utf-8") as f:
+        f.writelines(c + "\n" for c in captions)
+    generated, results, skipped = os.path.join(out, "eval_generated"), [], []
+    with timings.measure("hart-eval generate"):
+        run_logged(["hart-eval", "generate", "--model", t2i_ckpt, "--prompts", prompts, "--out", generated,
+                    "--device", "cpu", "--precision", "fp32", "--batch-size", "16"],
+                   os.path.join(logs, "hart-eval-generate.log"), env)
+    metrics = (("fid", "HART_INCEPTION_WEIGHTS", ["--real", t2i_folder, "--fake", generated]),
+               ("clip", "HART_CLIP_MODEL", ["--images", generated]))
+    for name, variable, args in metrics:
+        if not env.get(variable):
+            skipped.append(f"{name}: set {variable} to its network's local file or directory (README, Evaluation)")
+            continue
+        with timings.measure(f"hart-eval {name}"):
+            run_logged(["hart-eval", name, *args, "--out", os.path.join(out, "eval")],
+                       os.path.join(logs, f"hart-eval-{name}.log"), env)
+        results.append(os.path.join(out, "eval", f"{name}.json"))
+    return {"generated": generated, "num_images": len(captions), "results": results, "skipped": skipped}
+
+
 def sample_grid(t2i_ckpt: str, grid_path: str, logs: str, env, timings) -> None:
     cmd = ["hart-sample", "--model", t2i_ckpt, "--batch", str(IMAGES_PER_PROMPT), "--seed", "0",
            "--cfg", "3.0", "--out", grid_path]
@@ -318,18 +349,24 @@ def labelled_grid(grid_path: str, prompts: list[str], out_path: str, cell_px: in
 
 
 def add_evaluation(report: dict, json_path: str) -> None:
-    """Put a `hart-eval` result (a JSON object: its metrics and settings) into `report` under "evaluation",
-    where `report_markdown` shows it as its own section; rewrite the report with `write_report` after."""
+    """Add a `hart-eval` result (a JSON object: its metrics and settings) to `report["evaluation"]`, where
+    `report_markdown` shows each as part of its Evaluation section; rewrite the report with `write_report`."""
     with open(json_path, encoding="utf-8") as f:
-        report["evaluation"] = {"source": os.path.abspath(json_path), "results": json.load(f)}
+        report.setdefault("evaluation", []).append({"source": os.path.abspath(json_path), "results": json.load(f)})
 
 
-def _evaluation_markdown(evaluation: dict) -> list[str]:
-    rows = [{"name": k, "value": v} for k, v in evaluation["results"].items() if not isinstance(v, (dict, list))]
-    nested = [k for k, v in evaluation["results"].items() if isinstance(v, (dict, list))]
-    lines = ["", "## Evaluation", "", f"From `{evaluation['source']}`.", ""] + _markdown_table(rows)
-    if nested:
-        lines += ["", f"Further entries in the JSON: {', '.join(f'`{k}`' for k in nested)}."]
+def _evaluation_markdown(report: dict) -> list[str]:
+    lines = ["", "## Evaluation", ""]
+    e = report.get("eval_run")
+    if e:
+        lines += [f"`hart-eval generate` drew one image for each of the t2i stage's {e['num_images']} captions "
+                  f"(the evaluation protocol's settings, fp32): `{e['generated']}`.", ""]
+        lines += [f"- skipped {reason}" for reason in e["skipped"]] + ([""] if e["skipped"] else [])
+    for evaluation in report.get("evaluation", []):
+        results = evaluation["results"]
+        numbers = results.get("numbers", results)
+        rows = [{"name": k, "value": v} for k, v in numbers.items() if not isinstance(v, (dict, list))]
+        lines += [f"From `{evaluation['source']}`:", ""] + _markdown_table(rows) + [""]
     return lines
 
 
@@ -432,8 +469,8 @@ def report_markdown(report: dict) -> str:
         lines += _markdown_table(s["losses"])
         lines += ["", f"wandb offline runs: {', '.join(f'`{w}`' for w in s['wandb']) or 'none'}",
                   f"images: {', '.join(f'`{i}`' for i in s['images']) or 'none'}"]
-    if "evaluation" in report:
-        lines += _evaluation_markdown(report["evaluation"])
+    if report.get("evaluation") or report.get("eval_run"):
+        lines += _evaluation_markdown(report)
     return "\n".join(lines) + "\n"
 
 
@@ -465,8 +502,13 @@ def run_demo(out: str, use_s3: bool, timings: Timings) -> dict:
         ckpts = train_stages(runs_dir, urls, logs, env, timings)
         grid = os.path.join(out, "samples.png")
         sample_grid(ckpts["demo-t2i"], grid, logs, env, timings)
+        eval_run = evaluate_samples(ckpts["demo-t2i"], os.path.join(out, "t2i-subset"), out, logs, env, timings)
     mode = "moto S3 server (s3://demo-bucket)" if use_s3 else f"local directory {data_root}"
-    return collect_report(out, runs_dir, ckpts, grid, timings, mode)
+    report = collect_report(out, runs_dir, ckpts, grid, timings, mode)
+    report["eval_run"] = eval_run
+    for path in eval_run["results"]:
+        add_evaluation(report, path)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:

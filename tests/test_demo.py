@@ -132,21 +132,24 @@ def test_labelled_grid_puts_each_prompt_beside_its_samples_upscaled_without_smoo
     assert ink_right[1] < ink_right[0] < ink_right[2]  # "rocket" < "red apple" < the long one
 
 
-def test_add_evaluation_puts_a_hart_eval_result_into_the_report(tmp_path):
+def test_add_evaluation_puts_hart_eval_results_into_the_report(tmp_path):
     out, runs = str(tmp_path), str(tmp_path / "runs")
     for name, _ in demo.STAGES:
         _write_metrics(os.path.join(runs, name), 20, with_eval=False)
     grid = str(tmp_path / "samples.png")
     _grid(grid, rows=len(demo.PROMPTS), cols=demo.IMAGES_PER_PROMPT)
     report = demo.collect_report(out, runs, {}, grid, demo.Timings({"dataset": 1.0}), "local directory")
-    result = tmp_path / "eval.json"
-    result.write_text(json.dumps({"fid": 41.25, "clip_score": 22.5, "num_images": 24, "settings": {"cfg": 4.5}}))
-    demo.add_evaluation(report, str(result))
+    report["eval_run"] = {"generated": str(tmp_path / "gen"), "num_images": 64, "results": [],
+                          "skipped": ["clip: set HART_CLIP_MODEL to its network's local file or directory"]}
+    fid = tmp_path / "fid.json"  # the layout hart-eval writes (hart_train.evaluation.report)
+    fid.write_text(json.dumps({"title": "FID", "numbers": {"fid": 41.25, "num_fake": 64},
+                               "settings": {"preprocessing": "clean"}}))
+    demo.add_evaluation(report, str(fid))
     md = open(demo.write_report(report, out)).read()
-    assert json.load(open(tmp_path / "report.json"))["evaluation"]["results"]["fid"] == 41.25
+    assert json.load(open(tmp_path / "report.json"))["evaluation"][0]["results"]["numbers"]["fid"] == 41.25
     section = md[md.index("## Evaluation"):]
-    assert str(result) in section and "| fid | 41.25 |" in section and "| clip_score | 22.5 |" in section
-    assert "| num_images | 24 |" in section and "`settings`" in section
+    assert str(fid) in section and "| fid | 41.25 |" in section and "| num_fake | 64 |" in section
+    assert "64 captions" in section and "skipped clip: set HART_CLIP_MODEL" in section
 
 
 def test_dataset_split_holds_out_one_shard():
