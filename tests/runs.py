@@ -44,6 +44,12 @@ def assert_same_losses(got_dir: Path, ref_dir: Path, keys=("loss", "recon", "vq"
             assert got[step][key] == ref[step][key], (step, key, got[step][key], ref[step][key])
 
 
+def same_kernel(reference: Path) -> str:
+    """The attention kernel the reference run took, as an override: the shipped `run.attention: auto` times
+    both kernels at start and under load either may win; runs compared bit for bit must use the same one."""
+    return f"run.attention={json.loads((Path(reference) / 'kernels.json').read_text())['attention']}"
+
+
 def assert_no_secret_in(run_dir: Path, *secrets: str) -> None:
     """No file the run wrote (logs, configs, checkpoints, wandb's offline files) holds a credential."""
     files = [p for p in Path(run_dir).rglob("*") if p.is_file()]

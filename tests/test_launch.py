@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from procs import REPO, env, free_port
-from runs import assert_same_losses, losses
+from runs import assert_same_losses, losses, same_kernel
 
 
 def launch_env() -> dict:
@@ -80,7 +80,8 @@ def test_launched_job_survives_sigterm_and_sigusr1_and_resumes_bit_for_bit(bf16_
     SIGTERM, relaunched, preempted by SIGUSR1, relaunched to the end: every preemption saves a checkpoint
     and exits 0, and the losses and final weights equal the uninterrupted run's bit for bit."""
     run_dir = tmp_path / "preempted"
-    cmd = _train_sh("configs/t2i_256.yaml", t2i_args(tmp_path, "preempted"), str(free_port()))
+    cmd = _train_sh("configs/t2i_256.yaml", t2i_args(tmp_path, "preempted", same_kernel(bf16_reference)),
+                    str(free_port()))
     saved = []
     for at, sig in ((3, signal.SIGTERM), (7, signal.SIGUSR1)):
         rc, out = _preempt_at(cmd, run_dir, at, sig)

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from procs import REPO, check, env, free_port, run_train
+from runs import same_kernel
 
 CONFIG = "configs/t2i_256.yaml"
 # 20 samples in micro-batches of 8: batches 0 and 2 (4 samples) on rank 0, batch 1 and a spare on rank 1
@@ -65,10 +66,11 @@ def evaluate_checkpoint(run_dir: Path, step: int, nproc: int, out: Path) -> dict
 
 
 @pytest.fixture(scope="module")
-def evaluated(t2i_args, emoji_dataset, tmp_path_factory) -> Path:
+def evaluated(t2i_args, emoji_dataset, bf16_reference, tmp_path_factory) -> Path:
     """The bf16 reference run (conftest.bf16_reference) with a held-out evaluation every 4 steps."""
     out = tmp_path_factory.mktemp("t2i_eval")
-    check(run_train(CONFIG, t2i_args(out, "eval", f"t2i.eval_url={emoji_dataset}", *HELD_OUT)))
+    check(run_train(CONFIG, t2i_args(out, "eval", f"t2i.eval_url={emoji_dataset}", same_kernel(bf16_reference),
+                                     *HELD_OUT)))
     return out / "eval"
 
 
