@@ -3,7 +3,8 @@
     <run>/ckpt/step_00001000/
         <DeepSpeed files>           engine.save_checkpoint(<run>/ckpt, tag="step_00001000")
         meta.json                   step, samples, world size, ZeRO stage, schema (rank 0)
-        model.safetensors           consolidated full weights (rank 0): init_from, export
+        model.safetensors           consolidated full weights (rank 0): init_from, export; a LoRA run's
+                                    adapters alone (its base is run.init_from's, see hart_train.lora)
         ema.safetensors             full EMA weights of the trainable parameters, gathered (rank 0)
         data/rank_00000.json ...    reader state, per rank
         rng/rank_00000.pt ...       torch RNG state and the stage's generator, per rank
@@ -98,12 +99,15 @@ def _write_json(path: str, obj) -> None:
 
 
 def save(engine, root: str, step: int, meta: dict, reader_state: dict, rng_state: dict,
-         weights: dict[str, dict[str, torch.Tensor]], config_yaml: str, keep_last: int) -> str:
-    """Write the checkpoint for `step` on every rank; returns its directory. Collective."""
+         weights: dict[str, dict[str, torch.Tensor]], config_yaml: str, keep_last: int,
+         exclude_frozen: bool = False) -> str:
+    """Write the checkpoint for `step` on every rank; returns its directory. Collective. `exclude_frozen`:
+    DeepSpeed's files leave out the frozen parameters (they come from run.init_from: LoRA runs)."""
     tag = tag_for(step)
     path = os.path.join(root, tag)
     rank = D.rank()
-    engine.save_checkpoint(root, tag=tag, client_state={"step": step}, save_latest=False)
+    engine.save_checkpoint(root, tag=tag, client_state={"step": step}, save_latest=False,
+                           exclude_frozen_parameters=exclude_frozen)
     _write_json(os.path.join(path, "data", f"rank_{rank:05d}.json"), reader_state)
     os.makedirs(os.path.join(path, "rng"), exist_ok=True)
     torch.save(rng_state, os.path.join(path, "rng", f"rank_{rank:05d}.pt"))

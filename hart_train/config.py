@@ -48,6 +48,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # Optional[X]: X's own error says what is wrong (a section's range check, say)
+            raise ConfigError(errors[0])
         raise ConfigError(f"{key}: {value!r} is not a valid {' or '.join(_type_name(a) for a in args)}")
     if origin is Literal:
         if value not in args:

@@ -11,6 +11,8 @@ Per rank, by holder:
     partitioned; ZeRO-0: everything whole;
   * `zero.offload_optimizer` moves masters, gradients and moments to host memory, `zero.offload_param`
     the parameter partitions;
+  * only trainable parameters have masters, gradients, moments and EMA: with `t2i.lora` the adapters (the
+    model is built with them, as the stage builds it), the frozen base counting as parameters only;
 - the EMA (fp32, the same partition as the masters), the frozen tokenizer (fp32, whole) and, when the run
   reads images, the frozen text encoder (its config's dtype, whole);
 - ZeRO-3's gradient reduce bucket (`zero.reduce_bucket_size` elements in the run dtype, allocated whole
@@ -49,6 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from hart_train import flops as F_
+from hart_train import lora
 from hart_train.models import HARTConfig, HARTForT2I, kernels
 from hart_train.models.hart_t2i import TrainDraws
 
@@ -186,10 +189,13 @@ class Planner:
     # -- what is built
 
     def _build_model(self) -> HARTForT2I:
-        model = HARTForT2I(self.model_cfg).to(DTYPES[self.dtype])
+        model = HARTForT2I(self.model_cfg)
         if self.cfg.t2i.head_only:
             model.requires_grad_(False)
             model.diffloss.requires_grad_(True)
+        if self.cfg.t2i.lora is not None:  # the adapters alone train: masters, gradients and moments are theirs
+            lora.inject(model, self.cfg.t2i.lora)
+        model.to(DTYPES[self.dtype])
         if self.cfg.run.activation_checkpointing:
             model.set_grad_checkpointing(True)
         return model

@@ -37,6 +37,9 @@ Decisions:
   arbitrary objects; anything but a flat {name: tensor} mapping is refused.
 - Outputs are written into `<out>.partial` and renamed into place at the end, so a crash never leaves a
   directory that looks complete; an existing non-empty `<out>` is refused.
+- A LoRA checkpoint (adapters only, hart_train.lora) is exported merged: its base (the run's init_from) with
+  the raw adapters folded in is model.safetensors, with the EMA adapters folded in ema_model.bin, so the
+  official code loads it like any other; the adapters themselves have no official layout.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from safetensors.torch import load_file, save_file
 
 from data_tools.encode import tokenizer_checkpoint_config
 from hart_train import config as C
+from hart_train import lora
 from hart_train.models.hart_t2i import REGENERABLE_BUFFERS, HARTConfig, HARTForT2I, _official_buffers
 from tokenizer.autoencoder import HARTAutoEncoderWithDisc, TokenizerConfig
 
@@ -396,9 +400,24 @@ def _export_tokenizer(tokenizer_ckpt: Path, out: Path) -> TokenizerConfig:
     return cfg
 
 
+def _merged_lora(ckpt_dir: Path, cfg: HARTConfig, run: dict, use_ema: bool) -> dict[str, torch.Tensor]:
+    """A LoRA checkpoint's weights with its adapters (EMA or raw) merged into its base, by official name."""
+    model = lora.load_checkpoint_model(HARTForT2I(cfg), str(ckpt_dir), run, use_ema=use_ema, merged=True)
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
 def _export_llm(ckpt_dir: Path, cfg: HARTConfig, out: Path, use_ema: bool) -> None:
     model = _t2i_meta(cfg)
     ours = {k: v for k, v in _t2i_official_shapes(model).items() if k not in REGENERABLE_BUFFERS}
+    run = yaml.safe_load((ckpt_dir / "config.yaml").read_text(encoding="utf-8"))
+    if lora.lora_of(run) is not None:  # adapters only: merged into the base (run.init_from), raw and EMA
+        if use_ema and not (ckpt_dir / "ema.safetensors").is_file():
+            raise FileNotFoundError(f"{ckpt_dir} has no ema.safetensors; export with use_ema=False for the raw weights")
+        raw = _merged_lora(ckpt_dir, cfg, run, use_ema=False)
+        check_tensors(f"{ckpt_dir} merged into its base", raw, ours)
+        weights = _merged_lora(ckpt_dir, cfg, run, use_ema=True) if use_ema else dict(raw)
+        _write_llm(out, cfg, model, raw, weights)
+        return
     raw = load_tensors(ckpt_dir / "model.safetensors")
     check_tensors(f"{ckpt_dir / 'model.safetensors'}", raw, ours)
     weights = dict(raw)
@@ -410,6 +429,11 @@ def _export_llm(ckpt_dir: Path, cfg: HARTConfig, out: Path, use_ema: bool) -> No
         # the EMA covers the trainable parameters, a subset when some were frozen (head_only)
         check_tensors(f"{ckpt_dir / 'ema.safetensors'}", ema, {k: params[k] for k in ema if k in params})
         weights.update(ema)
+    _write_llm(out, cfg, model, raw, weights)
+
+
+def _write_llm(out: Path, cfg: HARTConfig, model: HARTForT2I, raw: dict, weights: dict) -> None:
+    """llm/: config.json, model.safetensors (`raw`) and ema_model.bin (`weights`), both with the buffers."""
     buffers = _official_buffers(model)
     out.mkdir()
     _write_json(out / "config.json", t2i_config_to_official(cfg))

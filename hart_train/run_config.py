@@ -12,6 +12,7 @@ from typing import Literal, Optional
 
 from data_tools.reader import ReaderConfig
 from data_tools.text_encoder import TextEncoderConfig
+from hart_train.lora import LoraSection
 from hart_train.models import HARTConfig
 from tokenizer.autoencoder import TokenizerConfig
 from tokenizer.losses import TokenizerLossConfig
@@ -152,6 +153,9 @@ class T2IStageConfig:
     tokenizer_ckpt: str = ""                 # a tokenizer-hybrid (or -vq) checkpoint directory
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     head_only: bool = False                  # train only the diffusion head (diffloss.*)
+    # LoRA adapters on a frozen base (run.init_from): {rank, alpha, dropout, targets: [attention, mlp, adaln,
+    # diffusion_head]} (hart_train.lora); null: the weights themselves train
+    lora: Optional[LoraSection] = None
     sample_prompts: list[str] = field(default_factory=_default_prompts)
     sample_cfg: float = 4.5
     sample_top_k: int = 600
@@ -164,6 +168,9 @@ class T2IStageConfig:
     def __post_init__(self):
         if self.eval_samples < 1:
             raise ValueError(f"eval_samples must be >= 1, got {self.eval_samples}")
+        if self.lora is not None and self.head_only:
+            raise ValueError("lora and head_only exclude each other: LoRA freezes every weight and trains adapters; "
+                             "for adapters on the diffusion head set lora.targets: [diffusion_head]")
         if self.model.context_token != self.text_encoder.max_length:
             raise ValueError(f"model.context_token ({self.model.context_token}) must equal "
                              f"text_encoder.max_length ({self.text_encoder.max_length})")
@@ -187,6 +194,8 @@ class RunConfig:
                              "(only the t2i transformer does); set it false")
         if self.run.attention != "key_prefix" and self.stage != "t2i":
             raise ValueError(f"run.attention: the {self.stage} stage has no block-causal attention; leave it key_prefix")
+        if self.t2i.lora is not None and self.stage != "t2i":
+            raise ValueError(f"t2i.lora: LoRA adapts the t2i transformer; the {self.stage} stage has none; set it null")
         if self.zero.stage is None:
             self.zero.stage = 3 if self.stage == "t2i" else 2
         if self.zero.stage == 3 and self.stage != "t2i":

@@ -3,7 +3,9 @@
     hart-sample --model runs/t2i-tiny/ckpt/step_00000030 --prompt "red apple" --prompt rocket --out grid.png
 
 Each prompt gives `--batch` images (one row per prompt); the same `--seed` gives the same picture. EMA
-weights are used unless `--raw`. Everything is read from local files.
+weights are used unless `--raw`. A LoRA checkpoint samples its base (the run's init_from) with the adapters
+as separate layers, or folded into the base weights with `--merge-lora` (the same images up to fp32
+rounding). Everything is read from local files.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--more-smooth", action="store_true", help="HART's gumbel smoothing (demo look; off for FID)")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of EMA")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="a LoRA checkpoint: merge the adapters into the base weights before sampling")
     p.add_argument("--device", default="cpu")
     return p
 
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print("hart-sample: error: --batch must be >= 1", file=sys.stderr)
         return 2
     try:
-        pipe = load_pipeline(args.model, use_ema=not args.raw, device=args.device)
+        pipe = load_pipeline(args.model, use_ema=not args.raw, device=args.device, merge_lora=args.merge_lora)
     except (FileNotFoundError, ValueError) as e:
         print(f"hart-sample: error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,9 @@
 
 `load_pipeline(ckpt_dir)` rebuilds everything from a t2i checkpoint directory alone (its config.yaml,
 model.safetensors and, by default, the EMA weights HART infers with), with the tokenizer and text
-encoder from the local paths the config names. `sample_images` runs HART's sampler: CFG with the
+encoder from the local paths the config names. A LoRA checkpoint (hart_train.lora) holds adapters only:
+its base is the run.init_from its config.yaml names, and the adapters run unmerged (peft's LoRA layers)
+unless `merge_lora` folds them into the base weights first; both give the same images up to fp32 rounding. `sample_images` runs HART's sampler: CFG with the
 linear ramp t = cfg*si/(S-1) and "(1+t)cond - t*uncond", top-k / top-p per scale, optional
 `more_smooth`, the KV cache, and the 8-step residual diffusion on the last scale. Its random draws come
 from a generator seeded with `seed`, or from the caller (`draws`, see `SampleDraws`) to replay a sample
@@ -22,6 +24,7 @@ from safetensors.torch import load_file
 from data_tools.encode import load_tokenizer
 from data_tools.text_encoder import TextEncoder, TextEncoderConfig
 from hart_train import distributed as D
+from hart_train import lora
 from hart_train.models import HARTConfig, HARTForT2I, SampleDraws
 from hart_train.models.hart_t2i import load_official_state_dict
 from tokenizer.autoencoder import HARTAutoEncoder
@@ -56,10 +59,12 @@ def sample_images(model: HARTForT2I, tokenizer: HARTAutoEncoder, text_encoder: T
     )
 
 
-def load_pipeline(ckpt_dir: str, use_ema: bool = True, device: str = "cpu", text_encoder: bool = True) -> Pipeline:
+def load_pipeline(ckpt_dir: str, use_ema: bool = True, device: str = "cpu", text_encoder: bool = True,
+                  merge_lora: bool = False) -> Pipeline:
     """Model (EMA weights by default), tokenizer and text encoder from a t2i checkpoint directory.
     `text_encoder=False` loads the model and tokenizer alone (e.g. an imported checkpoint whose config
-    names no text encoder directory, or a parity check that feeds its own context)."""
+    names no text encoder directory, or a parity check that feeds its own context). A LoRA checkpoint's
+    adapters stay separate layers unless `merge_lora`."""
     cfg_path = os.path.join(ckpt_dir, "config.yaml")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{ckpt_dir} has no config.yaml (not a hart-train t2i checkpoint)")
@@ -69,14 +74,22 @@ def load_pipeline(ckpt_dir: str, use_ema: bool = True, device: str = "cpu", text
     if not isinstance(section, dict) or run_cfg.get("stage") != "t2i":
         raise ValueError(f"{cfg_path} is not the config of a t2i stage")
     model = HARTForT2I(HARTConfig(**section["model"]))
-    state = load_file(os.path.join(ckpt_dir, "model.safetensors"))
     ema_path = os.path.join(ckpt_dir, "ema.safetensors")
-    if use_ema and os.path.exists(ema_path):
-        state.update(load_file(ema_path))  # EMA covers the trainable parameters; frozen ones are in model
-    elif use_ema:
+    if use_ema and not os.path.exists(ema_path):
         print(f"hart-sample: {ckpt_dir} has no ema.safetensors (a run without EMA): sampling the raw weights",
               file=sys.stderr)
+        use_ema = False
+    if lora.lora_of(run_cfg) is not None:
+        model = lora.load_checkpoint_model(model, ckpt_dir, run_cfg, use_ema=use_ema, merged=merge_lora)
+        return _pipeline(model, section, device, text_encoder)
+    state = load_file(os.path.join(ckpt_dir, "model.safetensors"))
+    if use_ema:
+        state.update(load_file(ema_path))  # EMA covers the trainable parameters; frozen ones are in model
     load_official_state_dict(model, state, strict=True)
+    return _pipeline(model, section, device, text_encoder)
+
+
+def _pipeline(model: HARTForT2I, section: dict, device: str, text_encoder: bool) -> Pipeline:
     tokenizer = load_tokenizer(section["tokenizer_ckpt"], patch_nums=model.config.patch_nums).to(device)
     encoder = TextEncoder(TextEncoderConfig(**section["text_encoder"]), device) if text_encoder else None
     return Pipeline(model.to(device).eval().requires_grad_(False), tokenizer, encoder)

@@ -10,7 +10,9 @@ from it. On the same world size the continuation is bit-exact in fp32: weights, 
 EMA, the reader's position and every RNG (torch's and the stage's generator) come back. On another
 world size DeepSpeed's universal conversion runs first (automatically, cached beside the
 checkpoint); the reader re-plans the rest of the epoch so no sample is lost or repeated; per-rank RNG
-is then re-seeded from (seed, step, rank), since the old ranks' streams have no new owner.
+is then re-seeded from (seed, step, rank), since the old ranks' streams have no new owner. A stage whose
+checkpoints leave its frozen parameters out (`frozen_from_init`: LoRA adapters on a frozen base) loads them
+from `run.init_from` at every start, a resume included, before DeepSpeed restores the trainable ones.
 
 Preemption: SIGTERM or SIGUSR1 sets a flag; at the next step boundary all ranks agree (a MAX
 all-reduce), save a checkpoint and exit 0.
@@ -145,9 +147,10 @@ def check_writable(run_dir: str) -> None:
         raise PreflightError(f"the run directory {run_dir} is not writable: {e}") from None
 
 
-def _check_disk(run_dir: str, model) -> None:
-    """One checkpoint holds about 5 fp32 copies of the parameters (weights, EMA, master, 2 Adam moments)."""
-    need = 5 * 4 * sum(_numel(p) for p in model.parameters())
+def _check_disk(run_dir: str, model, trainable_only: bool) -> None:
+    """One checkpoint holds about 5 fp32 copies of the parameters (weights, EMA, master, 2 Adam moments), of
+    the trainable ones alone where the stage saves only those (`frozen_from_init`)."""
+    need = 5 * 4 * sum(_numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
     free = shutil.disk_usage(run_dir).free
     if free < need:
         raise PreflightError(f"not enough disk for a checkpoint under {run_dir}: {free / 2**20:.1f} MiB free, "
@@ -159,8 +162,10 @@ def _load(engine, cfg, resume, reader, ema, stage) -> int:
     same_world = meta["world_size"] == D.world_size() or cfg.zero.stage == 0
     root, name = os.path.split(resume)
     tag = name if same_world else os.path.join(name, "universal")
-    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    # a stage that saves only its trainable parameters left the frozen ones out of DeepSpeed's files too
+    # (they came from run.init_from): the module's state there is partial by design
+    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                                          load_module_strict=not stage.frozen_from_init)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {resume}")
     step = int(meta["step"])
@@ -245,8 +250,10 @@ def train(cfg: RunConfig, make_stage) -> TrainResult:
     if D.is_main():
         with open(os.path.join(run_dir, "deepspeed.json"), "w") as f:
             json.dump(ds_config, f, indent=1)
-    model, construction_bytes = build_model(cfg, stage, ds_config, device, cfg.run.init_from if resume is None else None)
-    _check_disk(run_dir, model)
+    # on resume the checkpoint brings every weight back, except where the stage keeps its frozen ones out of it
+    init_from = cfg.run.init_from if resume is None or stage.frozen_from_init else None
+    model, construction_bytes = build_model(cfg, stage, ds_config, device, init_from)
+    _check_disk(run_dir, model, trainable_only=stage.frozen_from_init)
     engine = E.build(cfg, model, ds_config)
     ema = EMA(engine.module, cfg.ema.decay, device) if cfg.ema.enabled else None
     _record_param_shards(engine.module, ema, run_dir, construction_bytes)
@@ -287,12 +294,13 @@ def build_model(cfg: RunConfig, stage, ds_config: dict, device, init_from: str |
 
 def _save(cfg, stage, engine, ema, reader, root, step, device) -> str:
     meta = {"stage": cfg.stage, "zero_stage": cfg.zero.stage, "samples": reader.state_dict().get("samples_consumed")}
-    weights = {"model": zero_utils.full_state_dict(engine.module, device, rank=D.rank())}
+    weights = {"model": zero_utils.full_state_dict(engine.module, device, rank=D.rank(),
+                                                    trainable_only=stage.frozen_from_init)}
     if ema is not None:
         weights["ema"] = ema.full_state_dict()
     try:
         return ckpt.save(engine, root, step, meta, reader.state_dict(), _rng_state(stage), weights,
-                         C.dump(cfg), cfg.run.keep_last)
+                         C.dump(cfg), cfg.run.keep_last, exclude_frozen=stage.frozen_from_init)
     except (OSError, RuntimeError) as e:
         previous = ckpt.latest_complete(root)
         raise RuntimeError(f"saving the checkpoint of step {step} failed ({e}); the newest complete checkpoint "

@@ -47,16 +47,20 @@ def partitioned_construction(ds_config: dict, enabled: bool) -> contextlib.Abstr
 
 
 @torch.no_grad()
-def load_safetensors(module: nn.Module, path: str, skip: tuple[str, ...] = ()) -> None:
+def load_safetensors(module: nn.Module, path: str, skip: tuple[str, ...] = (),
+                     targets: dict[str, torch.Tensor] | None = None) -> None:
     """Load a safetensors file into `module` strictly (same names, same shapes; `skip` names are ignored),
     one tensor at a time: under ZeRO-3 each parameter is gathered, written by rank 0 (the only rank that
-    reads its data) and re-partitioned, so no rank holds more than one full tensor beyond its shards."""
+    reads its data) and re-partitioned, so no rank holds more than one full tensor beyond its shards.
+    `targets` (file name -> parameter or buffer) replaces the module's own names and tensors: every
+    parameter and persistent buffer by default (a LoRA model loads its base under the official names)."""
     import torch.distributed as dist
     from safetensors import safe_open
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    targets = dict(module.named_parameters())
-    targets.update((n, b) for n, b in module.named_buffers() if _is_persistent(module, n))
+    if targets is None:
+        targets = dict(module.named_parameters())
+        targets.update((n, b) for n, b in module.named_buffers() if is_persistent(module, n))
     with safe_open(path, framework="pt", device="cpu") as f:
         keys = set(f.keys()) - set(skip)
         missing, unexpected = sorted(set(targets) - keys), sorted(keys - set(targets))
@@ -139,18 +143,21 @@ def gather_master(p: nn.Parameter, local: torch.Tensor, device: torch.device, ds
 
 
 @torch.no_grad()
-def full_state_dict(module: nn.Module, device: torch.device, rank: int) -> dict[str, torch.Tensor]:
+def full_state_dict(module: nn.Module, device: torch.device, rank: int, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """Full fp32 CPU copies of every parameter (its fp32 master where the optimizer keeps one) and of the
     persistent buffers (floating ones as fp32), on rank 0; other ranks take part and get an empty dict.
-    Collective. One parameter at a time, so beyond the shards rank 0 holds one full tensor on `device`."""
+    Collective. One parameter at a time, so beyond the shards rank 0 holds one full tensor on `device`.
+    `trainable_only`: the trainable parameters alone, no buffers (a LoRA run's adapters)."""
     out: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
         full = gather_master(p, local_master(p), device)
         if full is not None:
             out[name] = full.clone()
-    if rank == 0:
+    if rank == 0 and not trainable_only:
         for name, b in module.named_buffers():
-            if _is_persistent(module, name):
+            if is_persistent(module, name):
                 out[name] = (b.detach().float() if b.is_floating_point() else b.detach()).cpu().clone()
     return out
 
@@ -167,7 +174,7 @@ def full_param(param: nn.Parameter) -> torch.Tensor:
         return param.detach().float().cpu().clone()
 
 
-def _is_persistent(module: nn.Module, name: str) -> bool:
+def is_persistent(module: nn.Module, name: str) -> bool:
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     return leaf not in owner._non_persistent_buffers_set

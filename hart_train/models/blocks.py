@@ -114,6 +114,16 @@ class KVCache:
         return 0 if k is None else k.shape[2]
 
 
+class QKVProjection(nn.Linear):
+    """The fused q/k/v projection (`attn.qkv_proj`, no bias of its own). Its bias (q_bias, the zero k bias,
+    v_bias) is an argument, as the released code builds it per call. A module call rather than `F.linear`
+    on `qkv_proj.weight`, so that a wrapper of the layer sees its input: a LoRA adapter (hart_train.lora)
+    adds its low-rank term to this output."""
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, bias)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, attn_l2_norm: bool):
         super().__init__()
@@ -126,7 +136,7 @@ class SelfAttention(nn.Module):
             self.max_scale_mul = math.log(100)
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)  # released quirk (BH:954), not 1/sqrt(d)
-        self.qkv_proj = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv_proj = QKVProjection(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer("zero_k_bias", torch.zeros(dim))  # persistent: the released state dict has it
@@ -137,7 +147,7 @@ class SelfAttention(nn.Module):
         tokens attend to everything cached so far plus themselves."""
         B, L, C = x_BLC.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias.to(self.q_bias.dtype), self.v_bias))
-        qkv = F.linear(x_BLC, self.qkv_proj.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        qkv = self.qkv_proj(x_BLC, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # B, H, L, d each
         if self.attn_l2_norm:
             q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())

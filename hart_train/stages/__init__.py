@@ -6,13 +6,18 @@ keeps everything it allocates: frozen models, generators, evaluation data and su
 moves it to the device), `load_init(module, path)`, `make_reader(rank, world_size)`, `prepare(batch, step)`
 (a host batch -> the forward's inputs on the device), `batch_size(batch)`, `after_step(module, outputs, step)`, `log_values()`, `evaluate(module, ema,
 step)`, `images(module, ema, step)`, `state_dict()` / `load_state_dict()` (tensors and plain values,
-global across ranks) and a `generator` (torch.Generator, checkpointed with the run).
+global across ranks) and a `generator` (torch.Generator, checkpointed with the run). Two attributes:
+`partitioned_construction` (build_model may run under ZeRO-3's partitioned initialisation) and
+`frozen_from_init` (the checkpoints hold the trainable parameters only, LoRA adapters: every start, a resume
+included, loads the frozen ones from `run.init_from`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+
+import yaml
 
 from data_tools import schema, storage
 from data_tools.encode import tokenizer_checkpoint_config
@@ -69,12 +74,28 @@ def validate_paths(cfg) -> None:
                               f"{t.model.image_size} (= 2**(len(ch_mult)-1) * patch_nums[-1])")
         if cfg.stage == "tokenizer-hybrid" and not cfg.run.init_from:
             raise ConfigError("run.init_from: tokenizer-hybrid starts from a tokenizer-vq checkpoint; set its directory")
+    if cfg.run.init_from and _is_lora_checkpoint(cfg.run.init_from):
+        raise ConfigError(f"run.init_from: {cfg.run.init_from} is a LoRA checkpoint (adapters only, no base weights); "
+                          "start from its merged weights: `hart-train export` it, then `hart-train import` the export")
     if cfg.stage == "t2i":
         _validate_t2i(cfg)
 
 
+def _is_lora_checkpoint(path: str) -> bool:
+    config = os.path.join(path, "config.yaml")
+    if not os.path.exists(config):
+        return False
+    with open(config, encoding="utf-8") as f:
+        run = yaml.safe_load(f)
+    t2i = run.get("t2i") if isinstance(run, dict) else None
+    return isinstance(t2i, dict) and t2i.get("lora") is not None
+
+
 def _validate_t2i(cfg) -> None:
     t, m = cfg.t2i, cfg.t2i.model
+    if t.lora is not None and not cfg.run.init_from:
+        raise ConfigError("run.init_from: t2i.lora trains adapters on frozen base weights; set run.init_from to the "
+                          "checkpoint they adapt (a t2i checkpoint, or `hart-train import`'s llm/ directory)")
     if not t.tokenizer_ckpt:
         raise ConfigError("t2i.tokenizer_ckpt: required (a tokenizer checkpoint directory)")
     try:

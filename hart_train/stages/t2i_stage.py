@@ -16,6 +16,8 @@ is then built lazily, the first time a sample grid needs the prompts encoded (ne
 `sample_prompts`); with image data it is built up front, so a broken text encoder fails before step 1.
 
 `head_only` freezes everything but the diffusion head (`diffloss.*`): one config flag, no new code.
+`lora` trains peft's low-rank adapters on a frozen base instead (hart_train.lora); its checkpoints hold
+the adapters only, and the base is `run.init_from`'s, loaded at every start (`frozen_from_init`).
 Sample grids during training use the raw (not EMA) weights; `hart-sample` uses the EMA weights.
 
 Held-out evaluation (`t2i.eval_url`, `evaluate`): the per-scale cross-entropy and token accuracy, the
@@ -58,7 +60,7 @@ from data_tools.reader import StreamingReader
 from data_tools.samples import to_unit_range
 from data_tools.text_encoder import TextEncoder
 from hart_train import distributed as D
-from hart_train import zero_utils
+from hart_train import lora, zero_utils
 from hart_train.models import HARTForT2I, TrainDraws
 from hart_train.flops import expected_kept_last
 from hart_train.models.hart_t2i import REGENERABLE_BUFFERS, check_regenerable_buffers
@@ -107,25 +109,34 @@ class T2IStage:
             self._text_encoder = TextEncoder(self.stage_cfg.text_encoder, self.device)
         return self._text_encoder
 
+    @property
+    def frozen_from_init(self) -> bool:
+        """A LoRA run saves its adapters only: the frozen base is run.init_from's, loaded at every start."""
+        return self.stage_cfg.lora is not None
+
     def build_model(self) -> nn.Module:
         model = HARTForT2I(self.stage_cfg.model)
         if self.stage_cfg.head_only:
             model.requires_grad_(False)
             model.diffloss.requires_grad_(True)
+        if self.stage_cfg.lora is not None:  # adapters on a frozen base (hart_train.lora)
+            lora.inject(model, self.stage_cfg.lora)
+            lora.init_adapters(model, self.cfg.run.seed)
         if self.cfg.run.activation_checkpointing:
             model.set_grad_checkpointing(True)
         return model
 
     def load_init(self, module: nn.Module, path: str) -> None:
         """Start from a previous stage (or an imported official checkpoint): all weights, strictly, one
-        tensor at a time into the (partitioned) model."""
+        tensor at a time into the (partitioned) model; with LoRA, into its frozen base."""
         file = f"{path.rstrip('/')}/model.safetensors"
         with safe_open(file, framework="pt", device="cpu") as f:
             keys = set(f.keys())
             lvl = f.get_tensor("lvl_1L") if "lvl_1L" in keys else None
             bias = tuple(f.get_slice("attn_bias_for_masking").get_shape()) if "attn_bias_for_masking" in keys else None
         check_regenerable_buffers(module, lvl, bias)
-        zero_utils.load_safetensors(module, file, skip=REGENERABLE_BUFFERS)
+        targets = lora.base_targets(module) if self.stage_cfg.lora is not None else None
+        zero_utils.load_safetensors(module, file, skip=REGENERABLE_BUFFERS, targets=targets)
 
     def make_reader(self, rank: int, world_size: int) -> StreamingReader:
         return StreamingReader(self.cfg.data, rank=rank, world_size=world_size)

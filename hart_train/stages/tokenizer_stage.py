@@ -55,6 +55,7 @@ class TokenizerStage:
     # the tokenizer (109M parameters at full size, ZeRO-2 in its recipes) is built whole on every rank;
     # its initialisers are not written for partitioned construction
     partitioned_construction = False
+    frozen_from_init = False  # its checkpoints hold every weight (frozen ones too)
 
     def __init__(self, cfg, device: torch.device):
         self.cfg = cfg
