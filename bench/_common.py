@@ -35,6 +35,16 @@ def environment() -> dict:
     }
 
 
+def rank_env() -> dict:
+    """The environment of a CPU rank started by a benchmark: the CPU accelerator, wandb offline, one
+    thread per rank, DeepSpeed's JIT-built ops kept beside this Python environment."""
+    e = dict(os.environ)
+    e.update(DS_ACCELERATOR="cpu", WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+             PYTHONWARNINGS="ignore")
+    e.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    return e
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import statistics
@@ -57,18 +56,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, free_port  # noqa: E402
+from _common import environment, free_port, rank_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the random-weight Qwen2 builder the tests use
-
-
-def _env() -> dict:
-    e = dict(os.environ)
-    e.update(DS_ACCELERATOR="cpu", WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-             PYTHONWARNINGS="ignore")
-    e.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-    return e
 
 
 def prepare(work: Path, resolution: int, with_data: bool = True) -> dict:
@@ -118,7 +109,7 @@ def train_cmd(config: str, out: Path, name: str, paths: dict, steps: int, save_e
 
 def run(cmd: list[str], log: Path) -> tuple[int, str, float]:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=rank_env(), capture_output=True, text=True)
     log.write_text(proc.stdout + proc.stderr)
     return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - t0
 
@@ -228,7 +219,7 @@ def measure(schedule: int, work: Path, steps: int, peak_flops: float, memory_onl
     shutil.rmtree(again, ignore_errors=True)
     t0 = time.perf_counter()
     exp = subprocess.run([sys.executable, "-m", "hart_train.cli", "export", "--ckpt", str(last), "--out", str(out / "official")],
-                         cwd=REPO, env=_env(), capture_output=True, text=True)
+                         cwd=REPO, env=rank_env(), capture_output=True, text=True)
     result["export_s"] = time.perf_counter() - t0
     result["export_ok"] = exp.returncode == 0 and (out / "official" / "llm" / "ema_model.bin").exists()
     shutil.rmtree(out, ignore_errors=True)  # a checkpoint of the 0.7B model is ~15 GB

@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import shutil
 import statistics
 import subprocess
@@ -47,7 +46,7 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, free_port, log  # noqa: E402
+from _common import environment, free_port, log, rank_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the random tiny tokenizer and Qwen2 builders the tests use
@@ -55,14 +54,6 @@ sys.path.insert(0, str(REPO / "tests"))  # the random tiny tokenizer and Qwen2 b
 CONFIG = "configs/t2i_256.yaml"
 MODEL = ["t2i.model.depth=8", "t2i.model.embed_dim=512", "t2i.model.num_heads=8", "t2i.model.diff_width=512",
          "t2i.model.diff_depth=3"]
-
-
-def _env() -> dict:
-    e = dict(os.environ)
-    e.update(DS_ACCELERATOR="cpu", WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-             PYTHONWARNINGS="ignore")
-    e.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-    return e
 
 
 def prepare(work: Path) -> dict:
@@ -114,7 +105,7 @@ def train(sets: list[str], log_path: Path) -> float:
     for s in sets:
         cmd += ["--set", s]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=rank_env(), capture_output=True, text=True)
     log_path.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"training failed (exit {proc.returncode}), see {log_path}:\n{proc.stderr[-3000:]}")

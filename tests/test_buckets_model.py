@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+import test_hart_model as hart_model_tests
 from hart_train.flops import expected_kept_last, sample_flops
-from hart_train.models import HARTForT2I, TrainDraws, hart_config, hart_t2i, kernels
+from hart_train.models import HARTForT2I, TrainDraws, hart_t2i, kernels
 from hart_train.models.buckets import (DEFAULT_BUCKETS, Bucket, as_schedule, bucket_for_aspect, bucket_schedule,
                                        check_buckets, default_buckets, nearest_bucket, num_tokens, parse_bucket,
                                        parse_buckets)
@@ -209,16 +210,10 @@ def test_tokenizer_encodes_and_decodes_a_bucket():
 
 # ---------------------------------------------------------------------- transformer
 def make_model(seed=0, **kw) -> HARTForT2I:
-    torch.manual_seed(seed)
-    # no text drop (rand, not the released randn, which drops half the samples at rate 0)
-    m = HARTForT2I(hart_config("tiny", patch_nums=PATCH_NUMS, last_scale_min_keep=4, cond_drop_rate=0.0,
-                               cond_drop_randn=False, **kw))
-    with torch.no_grad():  # VAR's init makes gammas ~1e-5; make every path matter for the comparisons
-        for b in m.blocks:
-            b.ada_lin[-1].weight.normal_(std=0.05)
-            b.ada_lin[-1].bias.normal_(std=0.3)
-        m.head.weight.normal_(std=0.1)
-    return m
+    """test_hart_model's tiny model with every path mattering, on this file's patch_nums; no text drop (rand,
+    not the released randn, which drops half the samples at rate 0)."""
+    return hart_model_tests.make_model(seed, patch_nums=PATCH_NUMS, last_scale_min_keep=4, cond_drop_rate=0.0,
+                                       cond_drop_randn=False, **kw)
 
 
 def make_batch(m: HARTForT2I, schedule, B=2, seed=1):
