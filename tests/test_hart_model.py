@@ -11,8 +11,9 @@ import torch
 from hart_train.models import HARTConfig, HARTForT2I, KVCache, hart_config, load_official_state_dict, official_state_dict
 from hart_train.models import attention as attention_mod
 from hart_train.models import kernels
-from hart_train.models.hart_t2i import (SampleDraws, TrainDraws, filter_top_k_top_p, sample_top_k_top_p, top_k_candidates,
-                                       truncnorm_sample)
+from hart_train.models.hart_t2i import SampleDraws, TrainDraws
+from hart_train.models.token_sampling import (filter_top_k_top_p, sample_top_k_top_p, top_k_candidates,
+                                             truncnorm_sample)
 from hart_train.models.rope import apply_rope, image_positions, rope_1d, rope_2d
 
 
