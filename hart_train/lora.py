@@ -49,7 +49,7 @@ from torch import nn
 
 from hart_train import config as C
 from hart_train import zero_utils
-from hart_train.models.hart_t2i import load_official_state_dict
+from hart_train.models.official_layout import load_official_state_dict
 
 ADAPTER = "default"  # peft's adapter name; one adapter per model
 TARGET_GROUPS = {

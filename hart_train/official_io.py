@@ -59,7 +59,8 @@ from safetensors.torch import load_file, save_file
 from data_tools.encode import tokenizer_checkpoint_config
 from hart_train import config as C
 from hart_train import lora
-from hart_train.models.hart_t2i import REGENERABLE_BUFFERS, HARTConfig, HARTForT2I, _official_buffers
+from hart_train.models.hart_t2i import HARTConfig, HARTForT2I
+from hart_train.models.official_layout import REGENERABLE_BUFFERS, _official_buffers
 from tokenizer.autoencoder import HARTAutoEncoderWithDisc, TokenizerConfig
 
 T2I_MODEL_TYPE = "hart_transformer_t2i"

@@ -26,7 +26,7 @@ from data_tools.text_encoder import TextEncoder, TextEncoderConfig
 from hart_train import distributed as D
 from hart_train import lora
 from hart_train.models import HARTConfig, HARTForT2I, SampleDraws
-from hart_train.models.hart_t2i import load_official_state_dict
+from hart_train.models.official_layout import load_official_state_dict
 from tokenizer.autoencoder import HARTAutoEncoder
 
 

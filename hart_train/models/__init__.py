@@ -11,9 +11,9 @@ from .hart_t2i import (
     TextCond,
     TrainDraws,
     hart_config,
-    load_official_state_dict,
-    official_state_dict,
 )
+
+from .official_layout import load_official_state_dict, official_state_dict
 
 __all__ = [
     "PRESETS", "DiffLoss", "GaussianDiffusion", "HARTConfig", "HARTForT2I", "KVCache", "SampleDraws", "SimpleMLPAdaLN",

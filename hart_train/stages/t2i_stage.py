@@ -63,7 +63,7 @@ from hart_train import distributed as D
 from hart_train import lora, zero_utils
 from hart_train.models import HARTForT2I, TrainDraws
 from hart_train.flops import expected_kept_last
-from hart_train.models.hart_t2i import REGENERABLE_BUFFERS, check_regenerable_buffers
+from hart_train.models.official_layout import REGENERABLE_BUFFERS, check_regenerable_buffers
 from hart_train.sampling import sample_images
 
 # the members of one held-out sample, per data.kind, as the reader's batches hold them
