@@ -14,6 +14,7 @@ from data_tools.reader import ReaderConfig
 from data_tools.text_encoder import TextEncoderConfig
 from hart_train.lora import LoraSection
 from hart_train.models import HARTConfig
+from hart_train.models.buckets import stage_buckets
 from tokenizer.autoencoder import TokenizerConfig
 from tokenizer.losses import TokenizerLossConfig
 
@@ -44,6 +45,9 @@ class RunSection:
     # glibc malloc keeps freed memory: no page faults per step on CPU (host_memory); null: on for CPU runs only
     keep_freed_host_memory: Optional[bool] = None
     init_from: Optional[str] = None  # a previous stage's checkpoint dir (or an imported official one)
+    # each rank writes the keys of the samples of every step it trains (with their epoch and aspect-ratio bucket)
+    # to <run>/samples/rank_<r>.jsonl, to audit the data order: which samples a loss spike saw, none repeated
+    log_samples: bool = False
 
     def __post_init__(self):
         for k in ("max_steps", "log_every", "keep_last", "grad_accum"):
@@ -164,10 +168,18 @@ class T2IStageConfig:
     # Its first `eval_samples` samples are evaluated at every run.eval_every steps and at the end.
     eval_url: Optional[str] = None
     eval_samples: int = 64
+    # aspect-ratio buckets the model trains and samples on, last-scale token grids height x width ("56x72");
+    # null: the default set of the resolution (hart_train.models.buckets: 9 buckets at 256/512/1024 px, the
+    # square one alone for other schedules). A bucketed dataset's buckets must all be in it.
+    buckets: Optional[list[str]] = None
 
     def __post_init__(self):
         if self.eval_samples < 1:
             raise ValueError(f"eval_samples must be >= 1, got {self.eval_samples}")
+        try:
+            stage_buckets(self.buckets, self.model.patch_nums)
+        except ValueError as e:
+            raise ValueError(f"buckets: {e}") from None
         if self.lora is not None and self.head_only:
             raise ValueError("lora and head_only exclude each other: LoRA freezes every weight and trains adapters; "
                              "for adapters on the diffusion head set lora.targets: [diffusion_head]")

@@ -21,6 +21,7 @@ all-reduce), save a checkpoint and exit 0.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import resource
@@ -42,6 +43,8 @@ from hart_train.ema import EMA
 from hart_train.metrics import MetricsLogger, read_jsonl
 from hart_train.models import kernels
 from hart_train.run_config import RunConfig
+
+SAMPLE_LOG_DIR = "samples"  # run.log_samples' per-rank files
 
 
 @dataclass
@@ -104,6 +107,8 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: str, root: str) -> str | None:
                       "converting to a universal checkpoint", flush=True)
                 ckpt.clear_conversion_failure(resume)  # before anyone looks for it
         _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), 0 if resume is None else meta["step"])
+        for path in glob.glob(os.path.join(run_dir, SAMPLE_LOG_DIR, "rank_*.jsonl")):  # any earlier world size's
+            _truncate_metrics(path, 0 if resume is None else meta["step"])
     resume, convert = D.broadcast_object((resume, convert))
     if convert:
         _convert_to_universal(cfg, resume)
@@ -307,11 +312,13 @@ def _save(cfg, stage, engine, ema, reader, root, step, device) -> str:
                            f"{previous} is intact and the partial one is removed at the next start") from e
 
 
-def _train_step(cfg, stage, engine, batches, step) -> tuple[dict, dict, int]:
+def _train_step(cfg, stage, engine, batches, step, sample_log=None) -> tuple[dict, dict, int]:
     """One optimizer step over `run.grad_accum` micro-batches: (mean scalar terms, last outputs, samples)."""
     terms, samples = {}, 0
     for _ in range(cfg.run.grad_accum):
         batch = next(batches)
+        if sample_log is not None:
+            sample_log.write(step + 1, batch)
         inputs = stage.prepare(batch, step)
         out = engine(**inputs)
         engine.backward(out["loss"])
@@ -347,7 +354,36 @@ def _record_memory(engine, ema, stage, peaks: list, run_dir: str) -> None:
             json.dump({"per_rank": per_rank}, f, indent=1)
 
 
+class SampleLog:
+    """`run.log_samples`: one line per micro-batch a rank trains, {"step", "epoch", "bucket" ((width, height)
+    px, or null for token batches), "keys"}, in <run>/samples/rank_<r>.jsonl, flushed per step; lines of steps
+    after the resume point are dropped at start (`_prepare_run_dir`), as metrics.jsonl's are."""
+
+    def __init__(self, run_dir: str, rank: int):
+        os.makedirs(os.path.join(run_dir, SAMPLE_LOG_DIR), exist_ok=True)
+        self._file = open(os.path.join(run_dir, SAMPLE_LOG_DIR, f"rank_{rank}.jsonl"), "a", encoding="utf-8")
+
+    def write(self, step: int, batch: dict) -> None:
+        bucket = batch.get("bucket")
+        self._file.write(json.dumps({"step": step, "epoch": int(batch["epoch"]),
+                                     "bucket": None if bucket is None else list(bucket),
+                                     "keys": [str(k) for k in batch["key"]]}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def _loop(cfg, stage, engine, ema, reader, logger, device, run_dir, root, step, preempt) -> TrainResult:
+    sample_log = SampleLog(run_dir, D.rank()) if cfg.run.log_samples else None
+    try:
+        return _steps(cfg, stage, engine, ema, reader, logger, device, run_dir, root, step, preempt, sample_log)
+    finally:
+        if sample_log is not None:
+            sample_log.close()
+
+
+def _steps(cfg, stage, engine, ema, reader, logger, device, run_dir, root, step, preempt, sample_log) -> TrainResult:
     batches = iter(reader)
     last_ckpt, window, t0 = None, {}, time.perf_counter()
     samples_in_window = 0
@@ -355,7 +391,7 @@ def _loop(cfg, stage, engine, ema, reader, logger, device, run_dir, root, step, 
     while step < cfg.run.max_steps:
         measure = len(peaks) < 2
         with host_memory.PeakMemory(device) if measure else contextlib.nullcontext() as peak:
-            terms, out, samples = _train_step(cfg, stage, engine, batches, step)
+            terms, out, samples = _train_step(cfg, stage, engine, batches, step, sample_log)
         samples_in_window += samples
         step += 1
         if measure:

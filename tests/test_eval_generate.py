@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -227,3 +228,58 @@ def test_a_missing_model_is_one_clear_error(geneval_file, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--model {tmp_path / 'nope'}: no such directory" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def bucket_ckpt(t2i_ckpt, tmp_path_factory) -> Path:
+    """t2i_ckpt with aspect-ratio buckets for the tiny model's (1, 2, 4) schedule in its config.yaml."""
+    out = tmp_path_factory.mktemp("t2i-buckets") / "step_00000001"
+    shutil.copytree(t2i_ckpt, out)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg["t2i"]["buckets"] = ["4x4", "3x5", "5x3"]
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return out
+
+
+def test_aspect_samples_the_nearest_bucket_and_ties_the_out_dir_to_it(bucket_ckpt, geneval_file, tmp_path, capsys):
+    gen = tmp_path / "gen"
+    run = ["--limit", "2", "--images-per-prompt", "1", "--batch-size", "2"]
+    assert main(_args(bucket_ckpt, geneval_file, gen, *run, "--aspect", "16:9")) == 0
+    assert "--aspect 16:9 -> bucket 3x5 (12x20 px" in capsys.readouterr().err
+    pngs = sorted(gen.rglob("*.png"))
+    assert len(pngs) == 2 and all(Image.open(p).size == (20, 12) for p in pngs)  # PIL: (width, height)
+    assert json.loads((gen / "settings.json").read_text())["settings"]["bucket"] == "3x5"
+    before = _tree(gen)
+    # each image's own draws on the bucket (image_draws): batch-mates change no image beyond rounding
+    assert main(_args(bucket_ckpt, geneval_file, tmp_path / "b1", *run[:-1], "1", "--aspect", "16:9")) == 0
+    alone = _tree(tmp_path / "b1")
+    for name in (k for k in before if k.endswith(".png")):
+        a, b = (np.asarray(Image.open(io.BytesIO(t[name])), dtype=np.int16) for t in (alone, before))
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01, name
+    assert main(_args(bucket_ckpt, geneval_file, gen, *run, "--aspect", "9:16")) == 2
+    assert "settings.bucket is '3x5' there, '5x3' now" in capsys.readouterr().err
+    assert main(_args(bucket_ckpt, geneval_file, gen, *run)) == 2  # square
+    assert "settings.bucket is '3x5' there, None now" in capsys.readouterr().err
+    assert main(_args(bucket_ckpt, geneval_file, gen, *run, "--aspect", "1.7:1")) == 0  # the same bucket: resumes
+    assert _tree(gen) == before
+    capsys.readouterr()
+    assert main(_args(bucket_ckpt, geneval_file, tmp_path / "bad", *run, "--aspect", "16x9")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "expected '<width>:<height>'" in err[0], err
+    # the square bucket is the square run: its settings record no bucket, so a run before --aspect resumes
+    assert main(_args(bucket_ckpt, geneval_file, tmp_path / "sq", *run, "--aspect", "1:1")) == 0
+    assert json.loads((tmp_path / "sq" / "settings.json").read_text())["settings"]["bucket"] is None
+    assert all(Image.open(p).size == (16, 16) for p in (tmp_path / "sq").rglob("*.png"))
+
+
+def test_hart_sample_aspect(bucket_ckpt, tmp_path, capsys):
+    from hart_train import sample_cli
+
+    base = ["--model", str(bucket_ckpt), "--prompt", "red apple", "--prompt", "rocket", "--batch", "3"]
+    assert sample_cli.main([*base, "--aspect", "9:16", "--out", str(tmp_path / "tall.png")]) == 0
+    assert "hart-sample: --aspect 9:16 -> bucket 5x3 (20x12 px" in capsys.readouterr().err
+    assert Image.open(tmp_path / "tall.png").size == (3 * 12, 2 * 20)  # 3 columns, 2 rows of 12 x 20 (w x h)
+    assert sample_cli.main([*base, "--aspect", "wide", "--out", str(tmp_path / "bad.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--aspect" in err[0] and "expected '<width>:<height>'" in err[0], err
+    assert not (tmp_path / "bad.png").exists()

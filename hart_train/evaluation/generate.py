@@ -32,6 +32,8 @@ sample.py unchanged since 453235f) is the source, and where it is silent this sa
                                      LLM system prompt (sample.py:162-163): its config.yaml, as `hart-train
                                      import` writes it; not sampling flags
     --batch-size      8              not published (the paper times batch 8); see Reproducibility
+    --aspect          square         HART evaluates square images; W:H (e.g. 16:9) samples the nearest of the
+                                     checkpoint's buckets (`t2i.buckets`), recorded as `settings.bucket`
 
 Reproducibility. Every image draws its randomness from its own generator (seed SEED + g, on the run's
 device) through `HARTForT2I.draw_sampling_randomness`, stacked into the batch's `SampleDraws`, so no image
@@ -67,12 +69,14 @@ import time
 from dataclasses import dataclass
 
 import torch
+import yaml
 from PIL import Image
 from tqdm import tqdm
 
 from hart_train import distributed as D
 from hart_train.evaluation.prompts import FORMATS, PromptSet, folder_metadata, image_path, read_prompts, sidecar_path
-from hart_train.models import HARTForT2I, SampleDraws
+from hart_train.models import HARTConfig, HARTForT2I, SampleDraws
+from hart_train.models.buckets import Schedule, bucket_for_aspect, parse_bucket, stage_buckets, training_schedule
 from hart_train.sampling import Pipeline, load_pipeline, sample_images
 
 TOOL = "hart-eval generate"
@@ -96,6 +100,9 @@ class Settings:
     images_per_prompt: int
     precision: str
     batch_size: int
+    # the aspect-ratio bucket sampled (last-scale token grid "HxW"), None for the square one (as runs before
+    # --aspect recorded nothing, their settings.json still resumes)
+    bucket: str | None = None
 
 
 def add_parser(subparsers) -> None:
@@ -119,6 +126,8 @@ def add_parser(subparsers) -> None:
                    help="HART's gumbel smoothing: the demo's look, off for evaluation")
     p.add_argument("--raw", action="store_true", help="sample the raw weights instead of EMA")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp16", help="autocast dtype, fp32 = none (%(default)s)")
+    p.add_argument("--aspect", default=None, metavar="W:H",
+                   help="width:height, e.g. 16:9: the nearest of the checkpoint's buckets (default: square)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="images per forward (%(default)s); a DIR is tied to one: an image's bytes depend on it")
     p.add_argument("--start", type=int, default=0, help="first prompt index, 0-based (%(default)s)")
@@ -135,7 +144,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     _check_model_dir(args.model)
     prompts = read_prompts(args.prompts, args.format)
-    settings = settings_from_args(args, prompts.format)
+    settings = settings_from_args(args, prompts.format, aspect_bucket(args.model, args.aspect))
     start, end = _selection(args, len(prompts.records))
     device = _init_distributed(args)
     try:
@@ -144,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         D.destroy()
 
 
-def settings_from_args(args: argparse.Namespace, fmt: str) -> Settings:
+def settings_from_args(args: argparse.Namespace, fmt: str, bucket: str | None = None) -> Settings:
     n = IMAGES_PER_PROMPT[fmt] if args.images_per_prompt is None else args.images_per_prompt
     for name, value in (("--images-per-prompt", n), ("--batch-size", args.batch_size)):
         if value < 1:
@@ -155,7 +164,27 @@ def settings_from_args(args: argparse.Namespace, fmt: str) -> Settings:
         raise ValueError(f"--top-p must be in [0, 1) (0 = off), got {args.top_p}")
     return Settings(cfg_scale=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
                     use_ema=not args.raw, seed=args.seed, images_per_prompt=n, precision=args.precision,
-                    batch_size=args.batch_size)
+                    batch_size=args.batch_size, bucket=bucket)
+
+
+def aspect_bucket(model_dir: str, aspect: str | None) -> str | None:
+    """The name of the checkpoint's bucket nearest `aspect` ("W:H"; `Pipeline.schedule_for_aspect`'s choice,
+    read from config.yaml alone), None for no aspect or the square bucket (the square path, bit for bit)."""
+    if aspect is None:
+        return None
+    with open(os.path.join(model_dir, "config.yaml"), encoding="utf-8") as f:
+        run_cfg = yaml.safe_load(f)
+    section = run_cfg.get("t2i") if isinstance(run_cfg, dict) else None
+    if not isinstance(section, dict) or not isinstance(section.get("model"), dict):
+        raise ValueError(f"{model_dir}/config.yaml has no t2i.model section (not a t2i checkpoint)")
+    patch_nums = HARTConfig(**section["model"]).patch_nums  # as load_pipeline builds it
+    bucket = bucket_for_aspect(aspect, stage_buckets(section.get("buckets"), patch_nums))
+    return None if training_schedule(bucket, patch_nums) is None else bucket.name
+
+
+def settings_schedule(settings: Settings, patch_nums) -> Schedule | None:
+    """The `schedule` argument of the sampler for `settings.bucket`."""
+    return None if settings.bucket is None else parse_bucket(settings.bucket).schedule(patch_nums)
 
 
 def _selection(args: argparse.Namespace, num_prompts: int) -> tuple[int, int]:
@@ -197,6 +226,10 @@ def _generate(args, prompts: PromptSet, settings: Settings, start: int, end: int
     record = _on_rank0(lambda: run_record(args.model, prompts, settings, device))  # hashes the weights once
     state = _on_rank0(lambda: check_out_dir(args.out, record, args.overwrite))
     pipe = load_pipeline(args.model, use_ema=settings.use_ema, device=str(device))
+    if args.aspect is not None and D.is_main():
+        bucket, _ = pipe.schedule_for_aspect(args.aspect)
+        h, w = bucket.image_size(pipe.tokenizer.cfg.downsample)
+        print(f"{TOOL}: --aspect {args.aspect} -> bucket {bucket.name} ({h}x{w} px, height x width)", file=sys.stderr)
     pending = _on_rank0(lambda: _prepare_out_dir(args.out, record, state, prompts, settings, start, end))
     mine = [u for i, u in enumerate(sorted(pending)) if i % D.world_size() == D.rank()]
     bar = tqdm(total=sum(len(pending[u]) for u in mine), unit="img", disable=not D.is_main(), file=sys.stderr,
@@ -351,22 +384,26 @@ def sample_unit(pipe: Pipeline, prompts: PromptSet, settings: Settings, images: 
     """uint8 pixels (B, H, W, 3) of the unit's images."""
     n = settings.images_per_prompt
     texts = [prompts.records[g // n].prompt for g in images]
-    draws = image_draws(pipe.model, [settings.seed + g for g in images], device, settings.more_smooth)
+    schedule = settings_schedule(settings, pipe.model.patch_nums)
+    draws = image_draws(pipe.model, [settings.seed + g for g in images], device, settings.more_smooth, schedule)
     dtype = PRECISIONS[settings.precision]
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         x = sample_images(pipe.model, pipe.tokenizer, pipe.text_encoder, texts, cfg_scale=settings.cfg_scale,
                           top_k=settings.top_k, top_p=settings.top_p, more_smooth=settings.more_smooth,
-                          device=device, draws=draws)
+                          device=device, draws=draws, schedule=schedule)
     # as sample.py:36-41: x*255 truncated to uint8
     return (x.float().clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def image_draws(model: HARTForT2I, seeds: list[int], device: torch.device, more_smooth: bool) -> SampleDraws:
+def image_draws(model: HARTForT2I, seeds: list[int], device: torch.device, more_smooth: bool,
+                schedule: Schedule | None = None) -> SampleDraws:
     """Each image's draws from its own generator, laid out as the sampler takes a batch's (SampleDraws):
     per-scale rows and diffusion start noise image by image; the diffusion step noise has the cond rows of
-    all images first, then their uncond rows."""
-    per = [model.draw_sampling_randomness(1, device, D.generator(device).manual_seed(s), more_smooth) for s in seeds]
-    n = model.patch_nums[-1] ** 2
+    all images first, then their uncond rows. `schedule`: a bucket's (None: the square one)."""
+    per = [model.draw_sampling_randomness(1, device, D.generator(device).manual_seed(s), more_smooth, schedule=schedule)
+           for s in seeds]
+    h, w = model.scale_grids(schedule)[-1]
+    n = h * w  # last-scale tokens of one image
     token = [torch.cat([d.token_exp[si] for d in per]) for si in range(model.num_scales)]
     gumbel = [torch.cat([d.gumbel_exp[si] for d in per]) for si in range(model.num_scales)] if more_smooth else None
     step = torch.cat([d.diff_step_noise[:, :n] for d in per] + [d.diff_step_noise[:, n:] for d in per], dim=1)

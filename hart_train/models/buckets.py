@@ -230,3 +230,31 @@ def bucket_for_aspect(aspect: str, buckets: Sequence[Bucket]) -> Bucket:
     if not m or Fraction(m.group(1)) <= 0 or Fraction(m.group(2)) <= 0:
         raise ValueError(f"aspect {aspect!r}: expected '<width>:<height>', e.g. '16:9'")
     return nearest_bucket(Fraction(m.group(1)), Fraction(m.group(2)), buckets)
+
+
+def stage_buckets(configured: Iterable | str | None, patch_nums: Sequence[int]) -> tuple[Bucket, ...]:
+    """The bucket set of a t2i stage (`t2i.buckets`): the configured list, else the documented default of the
+    stage's resolution (16 * patch_nums[-1] px: 256, 512 or 1024), else, for a schedule without one (the tiny
+    test configs), the square bucket alone. Every bucket is checked against `patch_nums` (`check_buckets`)."""
+    S = _positive_int(patch_nums[-1], "patch_nums[-1]")
+    if configured is None:
+        buckets = DEFAULT_BUCKETS.get(16 * S, (Bucket(S, S),))
+    else:
+        buckets = parse_buckets(configured)
+    check_buckets(buckets, patch_nums)
+    return buckets
+
+
+def largest_bucket(buckets: Iterable[Bucket], patch_nums: Sequence[int]) -> Bucket:
+    """The bucket with the most tokens over all scales (the longest sequence: the most activation memory and
+    attention), ties to the one with more last-scale tokens, then the earlier."""
+    return max(buckets, key=lambda b: (num_tokens(b.schedule(patch_nums)), b.height * b.width))
+
+
+def training_schedule(bucket: Bucket | None, patch_nums: Sequence[int]) -> Schedule | None:
+    """The `schedule` argument of the model and tokenizer for a batch of `bucket`: None (the square path,
+    computed exactly as without buckets) for no bucket or the square S x S one, else the bucket's schedule."""
+    S = patch_nums[-1]
+    if bucket is None or (bucket.height, bucket.width) == (S, S):
+        return None
+    return bucket.schedule(patch_nums)

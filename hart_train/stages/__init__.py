@@ -24,6 +24,7 @@ from data_tools.encode import tokenizer_checkpoint_config
 from data_tools.text_encoder import model_directory, resolve_kind
 from data_tools.token_format import file_sha256, is_token_dataset
 from hart_train.config import ConfigError
+from hart_train.models.buckets import Bucket, check_buckets, stage_buckets
 from hart_train.stages.t2i_stage import T2IStage
 from hart_train.stages.tokenizer_stage import TokenizerStage
 
@@ -72,6 +73,8 @@ def validate_paths(cfg) -> None:
         if cfg.data.resolution != t.model.image_size:
             raise ConfigError(f"data.resolution: {cfg.data.resolution} does not match the tokenizer's image size "
                               f"{t.model.image_size} (= 2**(len(ch_mult)-1) * patch_nums[-1])")
+        for key, url in _image_urls(cfg, t.eval_url):
+            _check_buckets(cfg, url, key, t.model.patch_nums, t.model.downsample, allowed=None)
         if cfg.stage == "tokenizer-hybrid" and not cfg.run.init_from:
             raise ConfigError("run.init_from: tokenizer-hybrid starts from a tokenizer-vq checkpoint; set its directory")
     if cfg.run.init_from and _is_lora_checkpoint(cfg.run.init_from):
@@ -116,11 +119,45 @@ def _validate_t2i(cfg) -> None:
     hidden = _hidden_size(os.path.join(text_dir, "config.json"))
     if hidden is not None and hidden != m.context_dim:
         raise ConfigError(f"t2i.model.context_dim: {m.context_dim} does not match the text encoder's hidden size {hidden}")
+    allowed = stage_buckets(t.buckets, m.patch_nums)
+    for key, url in _image_urls(cfg, t.eval_url):
+        _check_buckets(cfg, url, key, m.patch_nums, tok.downsample, allowed)
     if cfg.data.kind == "tokens":
         ours = {"t2i.tokenizer_ckpt": file_sha256(os.path.join(t.tokenizer_ckpt, "model.safetensors")),
                 "t2i.text_encoder.kind": resolve_kind(t.text_encoder.kind, text_dir)}
         for i, url in enumerate(cfg.data.urls):
             _check_tokens(cfg, _manifest_options(url), f"data.urls[{i}]", ours)
+
+
+def _image_urls(cfg, eval_url: str | None) -> list[tuple[str, str]]:
+    """(key, url) of every image dataset the run reads: data.urls (with data.kind: images) and the held-out set."""
+    urls = [(f"data.urls[{i}]", u) for i, u in enumerate(cfg.data.urls)] if cfg.data.kind == "images" else []
+    key = "t2i.eval_url" if cfg.stage == "t2i" else "tokenizer.eval_url"
+    return urls + ([(key, eval_url)] if eval_url and cfg.data.kind == "images" else [])
+
+
+def _check_buckets(cfg, url: str, key: str, patch_nums, downsample: int, allowed) -> None:
+    """A bucketed image dataset (`hart-data shard --buckets`) must be for the run's resolution and its
+    buckets whole token grids of about the square's token count (`check_buckets`); for t2i, each in
+    `allowed` (t2i.buckets), the set the model trains and samples on."""
+    options = _manifest_options(url)
+    names = options.get("buckets")
+    if names is None:
+        return
+    where = f"{key} ({storage.redact(url)})"
+    if options.get("resolution") != cfg.data.resolution:
+        raise ConfigError(f"data.resolution: {cfg.data.resolution}, but {where} is bucketed for resolution "
+                          f"{options.get('resolution')}")
+    for name in names:
+        width, height = (int(v) for v in name.split("x"))
+        try:
+            bucket = Bucket.from_image_size(width, height, downsample)
+            check_buckets([bucket], patch_nums)
+        except ValueError as e:
+            raise ConfigError(f"{where} holds bucket {name} px, which this run cannot train on: {e}") from None
+        if allowed is not None and bucket not in allowed:
+            raise ConfigError(f"t2i.buckets: {where} holds bucket {name} px ({bucket.name} tokens), which is not in "
+                              f"the model's buckets ({', '.join(b.name for b in allowed)}); add it to t2i.buckets")
 
 
 def _check_tokens(cfg, options: dict, where: str, ours: dict) -> None:

@@ -15,6 +15,13 @@ runs). The tokenizer is still loaded, for that codebook and for decoding sample 
 is then built lazily, the first time a sample grid needs the prompts encoded (never, with no
 `sample_prompts`); with image data it is built up front, so a broken text encoder fails before step 1.
 
+Aspect-ratio buckets (`t2i.buckets`, hart_train.models.buckets): a bucketed image dataset (`hart-data
+shard --buckets`) gives micro-batches of one bucket each, the same bucket on every rank of a step
+(data_tools.plan); `prepare` turns the batch's `bucket` ((width, height) px) into the bucket's schedule,
+which the tokenizer and the model run on. The square bucket and unbucketed data run schedule None, the
+square path computed exactly as without buckets. Token shards are square (`hart-data encode` refuses a
+bucketed dataset). `validate_paths` has checked that every bucket of the data is in `t2i.buckets`.
+
 `head_only` freezes everything but the diffusion head (`diffloss.*`): one config flag, no new code.
 `lora` trains peft's low-rank adapters on a frozen base instead (hart_train.lora); its checkpoints hold
 the adapters only, and the base is `run.init_from`'s, loaded at every start (`frozen_from_init`).
@@ -25,8 +32,9 @@ diffusion loss and their totals, named as the training log names them under `eva
 `eval_ema/` (EMA weights), averaged over every held-out token (CE, accuracy) and sample (diffusion):
 sums and counts are all-reduced, not means of means. Decisions:
 - The set is fixed: the first `t2i.eval_samples` samples of `eval_url` in the reader's order for seed 0 on
-  one rank, read once per rank and cut into micro-batches of `data.batch_size` (batch c holds samples
-  c*B..c*B+B-1) that go to the ranks round robin (c % world). A batch's numbers do not depend on which rank
+  one rank, read once per rank and cut into micro-batches of `data.batch_size`, each of one bucket
+  (unbucketed: batch c holds samples c*B..c*B+B-1; `_read_held_out`), that go to the ranks round robin
+  (c % world). A batch's numbers do not depend on which rank
   computes it, and the per-batch sums are added in batch order whatever the number of ranks, so the
   results are bit-identical on any number of ranks wherever one batch's forward is bit-reproducible (the
   same kernels and threads per rank; tests/test_t2i_eval.py checks 1 against 2 ranks). A rank left without
@@ -62,6 +70,7 @@ from data_tools.text_encoder import TextEncoder
 from hart_train import distributed as D
 from hart_train import lora, zero_utils
 from hart_train.models import HARTForT2I, TrainDraws
+from hart_train.models.buckets import Bucket, Schedule, as_schedule, stage_buckets, training_schedule
 from hart_train.flops import expected_kept_last
 from hart_train.models.official_layout import REGENERABLE_BUFFERS, check_regenerable_buffers
 from hart_train.sampling import sample_images
@@ -84,7 +93,7 @@ class HeldOut:
     """The held-out set as this rank evaluates it (`T2IStage._read_held_out`)."""
 
     num_batches: int  # evaluation micro-batches in all, over all ranks
-    mine: list[tuple[int, int, dict]]  # this rank's: (batch index, its first sample's index, inputs on the host)
+    mine: list[tuple[int, list[int], dict]]  # this rank's: (batch index, its samples' indices, inputs on the host)
     spare: dict | None  # inputs of a batch this rank runs and discards when it has none left in a round
 
 
@@ -99,6 +108,7 @@ class T2IStage:
         self.tokenizer = load_tokenizer(self.stage_cfg.tokenizer_ckpt, patch_nums=self.stage_cfg.model.patch_nums)
         self.tokenizer.to(device)
         self._text_encoder = TextEncoder(self.stage_cfg.text_encoder, device) if cfg.data.kind == "images" else None
+        self.buckets = stage_buckets(self.stage_cfg.buckets, self.stage_cfg.model.patch_nums)
         self._log: dict = {}
         self._eval_reader = self._held_out_reader() if self.stage_cfg.eval_url else None
         self._held_out: HeldOut | None = None  # read at the first evaluation, then kept
@@ -144,6 +154,7 @@ class T2IStage:
     @torch.no_grad()
     def prepare(self, batch: dict, step: int) -> dict:
         device = self.device
+        schedule = self.schedule_of(batch)
         if self.cfg.data.kind == "tokens":
             idx_BL = batch["idx"].to(device)
             idx_Bl = list(idx_BL.split([pn * pn for pn in self.stage_cfg.model.patch_nums], dim=1))
@@ -152,16 +163,29 @@ class T2IStage:
             pos = batch["context_position_ids"].to(device)
         else:
             img = to_unit_range(batch["image"]).to(device)
-            idx_Bl, f_rest = self.tokenizer.img_to_idxBl_and_frest(img)
+            idx_Bl, f_rest = self.tokenizer.img_to_idxBl_and_frest(img, patch_nums=schedule)
             context, mask, pos = self.text_encoder.encode(batch["caption"])
-        x_wo_first = self.tokenizer.idxBl_to_var_input(idx_Bl)
+        x_wo_first = self.tokenizer.idxBl_to_var_input(idx_Bl, patch_nums=schedule)
         return {"context": context, "context_mask": mask, "x_BLCv_wo_first_l": x_wo_first,
                 "gt_idx": idx_Bl, "f_rest_last": f_rest, "codebook": self.tokenizer.quantize.codebook(),
-                "context_position_ids": pos, "generator": self.generator}
+                "context_position_ids": pos, "generator": self.generator, "schedule": schedule}
+
+    def schedule_of(self, batch: dict) -> Schedule | None:
+        """The model's and tokenizer's `schedule` for a batch: its aspect-ratio bucket's (the reader's
+        `batch["bucket"]`, (width, height) px), None for the square bucket and for token batches (square)."""
+        size = batch.get("bucket")
+        if size is None:
+            return None
+        bucket = Bucket.from_image_size(*size, downsample=self.tokenizer.cfg.downsample)
+        if bucket not in self.buckets:
+            raise ValueError(f"a batch of bucket {bucket.name} ({size[0]}x{size[1]} px) is not in t2i.buckets "
+                             f"({', '.join(b.name for b in self.buckets)})")
+        return training_schedule(bucket, self.stage_cfg.model.patch_nums)
 
     def attention_problem(self) -> dict:
         """The training attention's shape for `run.attention: auto` to time kernels at: the micro-batch,
-        heads, head dim, and the scale segments with the expected number of kept last-scale tokens."""
+        heads, head dim, and the scale segments with the expected number of kept last-scale tokens, on the
+        square schedule (the buckets' sequences are within a few % of its length)."""
         mc = self.stage_cfg.model
         hd = mc.embed_dim // mc.num_heads
         seg = [mc.context_token] + [p * p for p in mc.patch_nums[1:-1]] + [round(expected_kept_last(mc))]
@@ -208,35 +232,50 @@ class T2IStage:
         return reader
 
     def _read_held_out(self) -> HeldOut:
-        """The first `eval_samples` good samples in the reader's order, cut into micro-batches of
-        data.batch_size: batch c holds samples c*B..c*B+B-1. Every rank reads them all (the order is one
+        """The first `eval_samples` good samples in the reader's order (sample i is the i-th), cut into
+        micro-batches of data.batch_size, each of one aspect-ratio bucket: a sample joins its bucket's open
+        batch, a batch is numbered when it fills, and the part-filled ones follow in the order of their first
+        samples (unbucketed: batch c holds samples c*B..c*B+B-1). Every rank reads them all (the order is one
         rank's) and keeps, prepared (tokenizer, text encoder) on the host, its own batches only, c % world ==
         rank, and batch 0 as the spare where it has none."""
         reader, want, keys = self._eval_reader, self.stage_cfg.eval_samples, SAMPLE_KEYS[self.cfg.data.kind]
         size, rank, world = self.cfg.data.batch_size, D.rank(), D.world_size()
-        kept: dict[int, list[dict]] = {}
+        open_batches: dict = {}  # bucket -> [(sample index, sample)], fewer than `size`
+        closed: list[tuple[list[int], dict | None]] = []  # batch c: (its sample indices, inputs if kept)
+
+        def close(bucket, members: list) -> None:
+            c = len(closed)
+            keep = c % world == rank or c == 0
+            closed.append(([i for i, _ in members], self._prepare_held_out([m for _, m in members], bucket)
+                           if keep else None))
+
         count = 0
         try:
             for batch in reader:
                 if batch["epoch"] > 0:  # fewer good samples than asked for: all of them
                     break
+                bucket = batch.get("bucket")
                 for i in range(min(self.batch_size(batch), want - count)):
-                    c = (count + i) // size
-                    if c % world == rank or c == 0:
-                        kept.setdefault(c, []).append({k: _sample_of(batch[k], i) for k in keys})
+                    members = open_batches.setdefault(bucket, [])
+                    members.append((count + i, {k: _sample_of(batch[k], i) for k in keys}))
+                    if len(members) == size:
+                        close(bucket, open_batches.pop(bucket))
                 count = min(want, count + self.batch_size(batch))
                 if count == want:
                     break
         finally:
             reader.close()
-        num_batches = -(-count // size)
-        mine = [(c, c * size, self._prepare_held_out(kept[c])) for c in range(rank, num_batches, world)]
-        spare = mine[0][2] if mine else self._prepare_held_out(kept[0]) if num_batches else None
-        return HeldOut(num_batches, mine, spare)
+        for bucket, members in sorted(open_batches.items(), key=lambda item: item[1][0][0]):
+            close(bucket, members)
+        mine = [(c, *closed[c]) for c in range(rank, len(closed), world)]
+        spare = mine[0][2] if mine else closed[0][1] if closed else None
+        return HeldOut(len(closed), mine, spare)
 
-    def _prepare_held_out(self, samples: list[dict]) -> dict:
+    def _prepare_held_out(self, samples: list[dict], bucket) -> dict:
         batch = {k: torch.stack([s[k] for s in samples]) if torch.is_tensor(samples[0][k]) else [s[k] for s in samples]
                  for k in samples[0]}
+        if bucket is not None:
+            batch["bucket"] = bucket
         inputs = self.prepare(batch, step=0)
         return {k: _moved(v, "cpu") for k, v in inputs.items() if k not in ("codebook", "generator")}
 
@@ -267,56 +306,56 @@ class T2IStage:
         """Each batch's sums in its own row of a table, summed in batch order after the all-reduce (every
         other rank adds an exact zero to a row): the same result on any number of ranks."""
         world = D.world_size()
-        sums = torch.zeros(held.num_batches, 2 * len(self.stage_cfg.model.patch_nums) + 4, dtype=torch.float64,
+        sums = torch.zeros(held.num_batches, 3 * len(self.stage_cfg.model.patch_nums) + 4, dtype=torch.float64,
                            device=self.device)
         for j in range(-(-held.num_batches // world)):
             if j < len(held.mine):
-                c, first, inputs = held.mine[j]
-                sums[c] = self._batch_sums(module, first, inputs)
+                c, indices, inputs = held.mine[j]
+                sums[c] = self._batch_sums(module, indices, inputs)
             else:
-                self._batch_sums(module, 0, held.spare)
+                self._batch_sums(module, list(range(held.spare["context"].shape[0])), held.spare)
         if dist.is_initialized():
             dist.all_reduce(sums)
         return self._held_out_values(sums.sum(dim=0), prefix)
 
-    def _batch_sums(self, module: nn.Module, first: int, inputs: dict) -> torch.Tensor:
-        """One held-out micro-batch (samples first, first+1, ...): CE and correct tokens per scale, diffusion
-        loss, mse and vb per sample (each sample has the same number of diffusion rows), the sample count."""
-        pn = self.stage_cfg.model.patch_nums
-        B = inputs["context"].shape[0]
-        tokens = D.generator(self.device).manual_seed(eval_seed(self.cfg.run.seed, first, _TOKEN_DRAWS))
+    def _batch_sums(self, module: nn.Module, indices: list[int], inputs: dict) -> torch.Tensor:
+        """One held-out micro-batch (samples `indices`, on its bucket's schedule): CE, correct tokens and
+        tokens per scale, diffusion loss, mse and vb per sample (the samples of a batch have the same number
+        of diffusion rows), the sample count."""
+        B = len(indices)
+        grids = as_schedule(inputs["schedule"] or self.stage_cfg.model.patch_nums)
+        tokens = D.generator(self.device).manual_seed(eval_seed(self.cfg.run.seed, indices[0], _TOKEN_DRAWS))
         out = module(**{k: _moved(v, self.device) for k, v in inputs.items()}, codebook=self.tokenizer.quantize.codebook(),
-                     generator=tokens, draws=self._held_out_draws(module, first, B))
-        per_scale = torch.tensor([B * p * p for p in pn], dtype=torch.float64, device=self.device)
+                     generator=tokens, draws=self._held_out_draws(module, indices, grids[-1]))
+        per_scale = torch.tensor([B * h * w for h, w in grids], dtype=torch.float64, device=self.device)
         diffusion = torch.stack([out["diff_loss"], out["diff_mse"], out["diff_vb"]]).double() * B
         return torch.cat([out["ce_per_scale"].double() * per_scale, out["acc_per_scale"].double() * per_scale,
-                          diffusion, per_scale.new_tensor([B])])
+                          per_scale, diffusion, per_scale.new_tensor([B])])
 
-    def _held_out_draws(self, module: nn.Module, first: int, B: int) -> TrainDraws:
-        """Keep every last-scale token, drop no text; the diffusion timesteps and noise of sample i from a
-        CPU generator seeded by (run.seed, i) (the same values on any device)."""
+    def _held_out_draws(self, module: nn.Module, indices: list[int], last: tuple[int, int]) -> TrainDraws:
+        """Keep every last-scale token (`last` = its h x w grid), drop no text; the diffusion timesteps and
+        noise of sample i from a CPU generator seeded by (run.seed, i) (the same values on any device)."""
         mc = self.stage_cfg.model
-        n, mul = mc.patch_nums[-1] ** 2, mc.diffusion_batch_mul
+        n, mul = last[0] * last[1], mc.diffusion_batch_mul
         steps = module.diffloss.train_diffusion.num_timesteps
         t, noise = [], []
-        for i in range(first, first + B):
+        for i in indices:
             g = torch.Generator().manual_seed(eval_seed(self.cfg.run.seed, i, _DIFFUSION_DRAWS))
             t.append(torch.randint(0, steps, (mul, n), generator=g))
             noise.append(torch.randn(mul, n, mc.Cvae, generator=g))
         # the forward's diffusion rows are (copy m, sample b, token j) -> m*B*n + b*n + j
-        dev = self.device
+        dev, B = self.device, len(indices)
         return TrainDraws(keep_last_idx=torch.arange(n, device=dev).repeat(B, 1),
                           drop_text=torch.zeros(B, dtype=torch.bool, device=dev),
                           diff_t=torch.stack(t, dim=1).reshape(-1).to(dev),
                           diff_noise=torch.stack(noise, dim=1).reshape(-1, mc.Cvae).to(dev))
 
     def _held_out_values(self, total: torch.Tensor, prefix: str) -> dict:
-        mc = self.stage_cfg.model
-        S = len(mc.patch_nums)
-        ce, correct, diffusion, num = total[:S], total[S : 2 * S], total[2 * S : 2 * S + 3], total[-1]
-        tokens = num * torch.tensor([p * p for p in mc.patch_nums], dtype=torch.float64, device=total.device)
+        S = len(self.stage_cfg.model.patch_nums)
+        ce, correct, tokens = total[:S], total[S : 2 * S], total[2 * S : 3 * S]
+        diffusion, num = total[3 * S : 3 * S + 3], total[-1]
         diff_loss, diff_mse, diff_vb = (diffusion / num).tolist()
-        values = {f"{prefix}/loss": float(ce.sum() / tokens.sum()) + mc.diff_weight * diff_loss,
+        values = {f"{prefix}/loss": float(ce.sum() / tokens.sum()) + self.stage_cfg.model.diff_weight * diff_loss,
                   f"{prefix}/ce": float(ce.sum() / tokens.sum()), f"{prefix}/acc": float(correct.sum() / tokens.sum()),
                   f"{prefix}/diff_loss": diff_loss, f"{prefix}/diff_mse": diff_mse, f"{prefix}/diff_vb": diff_vb}
         values.update({f"{prefix}/ce/scale_{i:02d}": float(v) for i, v in enumerate(ce / tokens)})
@@ -344,8 +383,10 @@ def _sample_of(member, i: int):
 
 
 def _moved(v, device):
-    """A prepared input (a tensor or a list of per-scale tensors) on `device`."""
-    return [t.to(device) for t in v] if isinstance(v, list) else v.to(device)
+    """A prepared input (a tensor or a list of per-scale tensors) on `device`; the schedule as it is."""
+    if isinstance(v, list):
+        return [t.to(device) for t in v]
+    return v.to(device) if torch.is_tensor(v) else v
 
 
 def _token_encoding(url: str) -> dict:

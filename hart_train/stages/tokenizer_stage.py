@@ -9,6 +9,10 @@ surrogate, so neither reaches the other's weights (`tokenizer.losses.generator_g
 weight is VQGAN's balance measured at the reconstruction, not at the decoder's last weight (the rule, and
 why, in `tokenizer.losses.generator_gan_term`).
 
+A bucketed image dataset (`hart-data shard --buckets`) trains and evaluates each micro-batch on its
+aspect-ratio bucket's scale schedule (`schedule_of`); the convolutions take any size, the quantizer the
+schedule. Square batches run the square schedule exactly as before.
+
 Dead-code restarts (optional) run after the optimizer step on every rank with all-reduced hits, rank 0's
 latents and a generator seeded by (seed, step), so all ranks write the same codebook
 (`tokenizer.losses.DeadCodeTracker`, `restart_codes`).
@@ -26,6 +30,7 @@ from data_tools.reader import ReaderConfig, StreamingReader
 from data_tools.samples import to_unit_range
 from hart_train import distributed as D
 from hart_train import zero_utils
+from hart_train.models.buckets import Bucket, training_schedule
 from tokenizer.autoencoder import HARTAutoEncoderWithDisc
 from tokenizer.losses import DeadCodeTracker, TokenizerCriterion, code_hits, codebook_usage, restart_codes
 from tokenizer.metrics import psnr, ssim
@@ -40,9 +45,10 @@ class TokenizerTrainModule(HARTAutoEncoderWithDisc):
         # the perceptual net is frozen and reloaded from its file: keep it out of the state dict
         self._criterion = (TokenizerCriterion(stage_cfg.loss),)
 
-    def forward(self, image: torch.Tensor, step: int, generator: torch.Generator) -> dict:
+    def forward(self, image: torch.Tensor, step: int, generator: torch.Generator, schedule=None) -> dict:
+        """`schedule`: the quantizer's scales for a non-square batch (its aspect-ratio bucket's), None: square."""
         criterion = self._criterion[0]
-        out = self.vae(image, skip_continuous_prob=self.skip_continuous_prob, generator=generator)
+        out = self.vae(image, skip_continuous_prob=self.skip_continuous_prob, patch_nums=schedule, generator=generator)
         # the GAN terms take gradients inside the forward: only in training, where a backward follows
         with_gan = criterion.gan_active(step) and self.training
         terms = criterion(image, out["rec"], out["vq_loss"], self.disc, with_gan)
@@ -104,7 +110,15 @@ class TokenizerStage:
         return StreamingReader(self.cfg.data, rank=rank, world_size=world_size)
 
     def prepare(self, batch: dict, step: int) -> dict:
-        return {"image": to_unit_range(batch["image"].to(self.device)), "step": step, "generator": self.generator}
+        return {"image": to_unit_range(batch["image"].to(self.device)), "step": step, "generator": self.generator,
+                "schedule": self.schedule_of(batch)}
+
+    def schedule_of(self, batch: dict):
+        """The quantizer's schedule for a batch of the reader's aspect-ratio bucket `batch["bucket"]` ((width,
+        height) px; `validate_paths` has checked the dataset's buckets): None for the square one."""
+        m = self.stage_cfg.model
+        size = batch.get("bucket")
+        return None if size is None else training_schedule(Bucket.from_image_size(*size, m.downsample), m.patch_nums)
 
     @staticmethod
     def frozen_modules(module: nn.Module) -> list[nn.Module]:
@@ -162,7 +176,7 @@ class TokenizerStage:
                 for batch in reader:
                     if taken >= per_rank or batch["epoch"] > 0:
                         break
-                    self._eval_batches.append(batch["image"])
+                    self._eval_batches.append((batch["image"], self.schedule_of(batch)))
                     taken += batch["image"].shape[0]
         return self._eval_batches
 
@@ -175,11 +189,11 @@ class TokenizerStage:
         was_training = module.training
         module.eval()
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # summed on the device, synced once
-        for img_u8 in batches:
+        for img_u8, schedule in batches:
             img = to_unit_range(img_u8.to(self.device))
             ref = (img + 1) / 2
             for j, continuous in enumerate((False, True)):
-                rec = (module.vae.img_to_reconstructed_img(img, continuous=continuous) + 1) / 2
+                rec = (module.vae.img_to_reconstructed_img(img, continuous=continuous, patch_nums=schedule) + 1) / 2
                 sums[2 * j] += psnr(rec, ref).clamp(max=100).sum()
                 if min(ref.shape[-2:]) >= 11:
                     sums[2 * j + 1] += ssim(rec, ref).sum()
@@ -198,10 +212,11 @@ class TokenizerStage:
         batches = self._eval_data()
         if not batches:
             return {}
-        img = to_unit_range(batches[0][: self.stage_cfg.num_image_samples].to(self.device))
+        img_u8, schedule = batches[0]
+        img = to_unit_range(img_u8[: self.stage_cfg.num_image_samples].to(self.device))
         was_training = module.training
         module.eval()
-        disc = module.vae.img_to_reconstructed_img(img, continuous=False)
+        disc = module.vae.img_to_reconstructed_img(img, continuous=False, patch_nums=schedule)
         cont = module.vae.img_to_reconstructed_img(img, continuous=True)
         module.train(was_training)
         rows = torch.cat([img, disc, cont], dim=3)  # B, 3, H, 3W
