@@ -25,7 +25,8 @@ run and 2.25 s against 2.07 s in another: at this size a CPU step is dominated b
 per-module hooks, which the frozen base still needs (and the adapters add modules), so LoRA's saving in the
 weight gradients and the optimizer step is within the machine's noise. Planned for the 0.7B model at 1024px
 on 8 GPUs: 6.7M trainable parameters; per rank, optimizer 10.0 MB against 1.10 GB, gradients 1.7 MB against
-183 MB, total 14.98 GiB against 16.49 GiB (the step's activations and gathered weights, 11.4 GiB, and the
+183 MB, total 15.14 GiB against 16.65 GiB at the largest default bucket, 52x80 (14.98 against 16.49 on
+the square schedule) (the step's activations and gathered weights, 11.4 GiB, and the
 frozen text encoder dominate both).
 """
 

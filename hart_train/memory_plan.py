@@ -26,6 +26,12 @@ Per rank, by holder:
   the bytes of every live storage; the peak over the step is the activation figure. Gradients are
   dropped as soon as they are accumulated (ZeRO reduces them into its buckets). The last scale keeps the
   *most* tokens HART's dropping can keep (memory must fit every step; FLOPs use the expectation);
+- the step is traced on the run's largest aspect-ratio bucket (`t2i.buckets`, models/buckets.py: the most
+  tokens over all scales, e.g. 52x80 of the 1024px default set), the longest sequence any step runs; the
+  square schedule when that is the square bucket, and with token shards (always square). A listed set whose largest bucket has fewer last-scale
+  tokens than another also traces that one and plans the larger (`Planner._plan_bucket`). FLOPs per sample
+  stay the square's, the model's nominal figure (the default buckets are within 2% of it); the notes name
+  the planned bucket;
 
 Attention is traced with the kernel `run.attention` names, or with each where `auto` chooses at start (the
 larger wins). On fake CPU tensors SDPA takes the memory-efficient (flash) kernel's footprint, which is what
@@ -53,6 +59,8 @@ from torch.utils._pytree import tree_flatten
 from hart_train import flops as F_
 from hart_train import lora
 from hart_train.models import HARTConfig, HARTForT2I, kernels
+from hart_train.models.buckets import (Bucket, Schedule, as_schedule, largest_bucket, num_tokens, stage_buckets,
+                                       training_schedule)
 from hart_train.models.hart_t2i import TrainDraws
 
 GiB = 2**30
@@ -133,9 +141,11 @@ def _fake(build, fake_mode) -> nn.Module:
     return module
 
 
-def max_kept_last(cfg: HARTConfig) -> int:
-    """The most last-scale tokens HART's dropping keeps in a step (the mask rate at its minimum)."""
-    n = cfg.patch_nums[-1] ** 2
+def max_kept_last(cfg: HARTConfig, schedule: Schedule | None = None) -> int:
+    """The most last-scale tokens HART's dropping keeps in a step (the mask rate at its minimum), among the
+    h*w of `schedule`'s last scale (None: the square patch_nums[-1]^2)."""
+    H, W = as_schedule(cfg.patch_nums if schedule is None else schedule)[-1]
+    n = H * W
     return n - len(range(n)[: min(math.ceil(n * cfg.mask_ratio_min), n - cfg.last_scale_min_keep)])
 
 
@@ -178,6 +188,7 @@ class Planner:
         self.model_cfg: HARTConfig = cfg.t2i.model
         self.dtype = cfg.run.dtype
         self.notes: list[str] = []
+        self._plan_bucket()
         with torch.device("meta"):
             model = self._build_model()
         self.params = [(n, p.numel(), p.requires_grad) for n, p in model.named_parameters()]
@@ -187,6 +198,34 @@ class Planner:
         self._plans: dict[int, Plan] = {}
 
     # -- what is built
+
+    def _plan_bucket(self) -> None:
+        """The buckets the step is traced on (`self.traced`: (bucket, schedule), None for the square bucket,
+        which traces exactly the square schedule): the largest of the stage's (`self.bucket`, the most tokens),
+        and any other bucket no bucket outgrows in both the tokens before the last scale and the last scale's
+        (memory goes with both, the kept last-scale tokens running the diffusion head `diffusion_batch_mul`
+        times, so a set like 4x4, 3x5 at S = 4 needs the square traced too: 3x5 has 22 tokens to 21, 15 of
+        them at the last scale to 16). Every default set's largest bucket has the most of both: one trace."""
+        pn = tuple(self.model_cfg.patch_nums)
+        # token shards are square (`hart-data encode` refuses a bucketed dataset)
+        buckets = (Bucket(pn[-1], pn[-1]),) if self.cfg.data.kind == "tokens" else stage_buckets(self.cfg.t2i.buckets, pn)
+        self.bucket = largest_bucket(buckets, pn)
+
+        def size(b):
+            last = b.height * b.width
+            return num_tokens(b.schedule(pn)) - last, last
+
+        sizes = {b: size(b) for b in buckets}
+        traced: list = []
+        for b in (self.bucket, *buckets):
+            s = sizes[b]
+            outgrown = any(o[0] >= s[0] and o[1] >= s[1] and o != s for o in sizes.values())
+            if not outgrown and all(sizes[t] != s for t in traced):
+                traced.append(b)
+        self.traced = [(b, training_schedule(b, pn)) for b in traced]
+        self._bucket_of_plan: dict[int, Bucket] = {}
+        self._num_buckets, self._tokens = len(buckets), {b: sum(sizes[b]) for b in buckets}
+        self._square_tokens = num_tokens(pn)
 
     def _build_model(self) -> HARTForT2I:
         model = HARTForT2I(self.model_cfg)
@@ -340,38 +379,46 @@ class Planner:
 
     def activation_bytes(self, b: int) -> tuple[int, int]:
         """Peak bytes of one step's transient tensors at micro-batch b (see the module docstring), in the
-        forward (with the tokenizer and text encoder before it) and in the backward; the larger over the
-        attention kernels the run may use."""
+        forward (with the tokenizer and text encoder before it) and in the backward; the largest over the
+        attention kernels the run may use and the buckets traced (`self.traced`; the one with the highest
+        peak is the plan's bucket)."""
         saved = kernels.active_attention()
+        peaks: dict = {}  # bucket -> (forward, backward), the larger over the kernels
         try:
-            peaks = []
             for name in self.attention_kernels():
                 kernels.set_attention(name)
-                kernels.clear_caches()
-                peaks.append(self._trace(b))
+                for bucket, schedule in self.traced:
+                    kernels.clear_caches()  # a cached mask of another shape would not be counted
+                    f, w = self._trace(b, schedule)
+                    f0, w0 = peaks.get(bucket, (0, 0))
+                    peaks[bucket] = max(f0, f), max(w0, w)
         finally:
             kernels.set_attention(saved)
-        return max(p[0] for p in peaks), max(p[1] for p in peaks)
+        self._bucket_of_plan[b] = max(peaks, key=lambda k: max(peaks[k]))  # ties: the earlier (the largest)
+        return max(p[0] for p in peaks.values()), max(p[1] for p in peaks.values())
 
-    def _trace(self, b: int) -> tuple[int, int]:
+    def _trace(self, b: int, schedule: Schedule | None = None) -> tuple[int, int]:
         fm, model, tok, text = self._fake_modules()
         mc = self.model_cfg
-        kept, n_last, T = max_kept_last(mc), mc.patch_nums[-1] ** 2, mc.context_token
-        L = sum(p * p for p in mc.patch_nums)
+        grids = as_schedule(mc.patch_nums if schedule is None else schedule)
+        (H, W), T = grids[-1], mc.context_token
+        kept, n_last, L = max_kept_last(mc, schedule), H * W, sum(h * w for h, w in grids)
         frozen = [t for m in (model, tok, text) if m is not None for t in (*m.parameters(), *m.buffers())]
         with fm, LiveBytes(ignore=frozen) as live:
             mask = torch.ones(b, T, dtype=torch.long)
             pos = torch.arange(T).expand(b, T).contiguous()
             if tok is not None:
                 res = self.cfg.data.resolution
+                ds = self.tok_cfg.downsample
+                hw = (res, res) if schedule is None else (ds * H, ds * W)
                 with torch.no_grad():
-                    idx_Bl, f_rest = tok.img_to_idxBl_and_frest(torch.zeros(b, 3, res, res))
+                    idx_Bl, f_rest = tok.img_to_idxBl_and_frest(torch.zeros(b, 3, *hw), patch_nums=schedule)
                     context = text(input_ids=torch.zeros(b, T, dtype=torch.long),
                                    attention_mask=mask).last_hidden_state.float()
-                x_in = tok.idxBl_to_var_input(idx_Bl)
+                x_in = tok.idxBl_to_var_input(idx_Bl, patch_nums=schedule)
                 codebook = tok.quantize.codebook()
             else:
-                idx_Bl = list(torch.zeros(b, L, dtype=torch.long).split([p * p for p in mc.patch_nums], dim=1))
+                idx_Bl = list(torch.zeros(b, L, dtype=torch.long).split([h * w for h, w in grids], dim=1))
                 f_rest = torch.zeros(b, n_last, mc.Cvae)
                 context = torch.zeros(b, T, mc.context_dim)
                 x_in = torch.zeros(b, L - 1, mc.Cvae)
@@ -381,7 +428,8 @@ class Planner:
             draws = TrainDraws(torch.arange(n_last - kept, n_last).expand(b, kept).contiguous(),
                                torch.zeros(b, dtype=torch.bool), dp, torch.zeros(b, kept, dtype=torch.long),
                                torch.zeros(mul * b * kept, dtype=torch.long), torch.zeros(mul * b * kept, mc.Cvae))
-            out = model(context, mask, x_in, idx_Bl, f_rest, codebook, context_position_ids=pos, draws=draws)
+            out = model(context, mask, x_in, idx_Bl, f_rest, codebook, context_position_ids=pos, draws=draws,
+                        schedule=schedule)
             forward = live.new_phase()
             out["loss"].backward()
         return forward, live.new_phase()
@@ -398,8 +446,19 @@ class Planner:
         device, host = dict(self._states[0]), dict(self._states[1])
         phases = self.step_transient(*self.activation_bytes(micro_batch))
         device["step_peak"] = max(phases.values())
+        notes = list(self.notes)
+        if self._num_buckets > 1 or self.traced[0][1] is not None:  # not the square bucket alone
+            bucket, big, n = self._bucket_of_plan[micro_batch], self.bucket, self._num_buckets
+            if bucket == big:
+                what = (f"the largest of {n}" if n > 1 else "the only one") + \
+                    f": {self._tokens[bucket]} tokens vs the square's {self._square_tokens}"
+            else:
+                what = (f"{self._tokens[bucket]} tokens, {bucket.height * bucket.width} at the last scale: the most "
+                        f"memory of {', '.join(str(t) for t, _ in self.traced)}, traced of {n}; the largest, {big}, "
+                        f"has {self._tokens[big]} tokens, {big.height * big.width} at the last scale")
+            notes.append(f"memory planned for bucket {bucket} ({what}); FLOPs per sample are the square's")
         f = F_.sample_flops(self.model_cfg)
-        return Plan(self.N, micro_batch, device, host, phases, list(self.notes), f.train_step_flops,
+        return Plan(self.N, micro_batch, device, host, phases, notes, f.train_step_flops,
                     f.hardware_flops(self.cfg.run.activation_checkpointing))
 
     @staticmethod
