@@ -173,6 +173,8 @@ def _load(engine, cfg, resume, reader, ema, stage) -> int:
                                           load_module_strict=not stage.frozen_from_init)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {resume}")
+    if not same_world and cfg.zero.stage > 0 and not stage.frozen_from_init:
+        _load_frozen(engine.module, resume)
     step = int(meta["step"])
     reader_state, rng_state = ckpt.load_rank_files(resume, D.rank())
     rank0_reader, rank0_rng = ckpt.load_rank_files(resume, 0)
@@ -185,6 +187,23 @@ def _load(engine, cfg, resume, reader, ema, stage) -> int:
         ema.load_full_state_dict(state)
     _restore_rng(stage, rng_state if same_world else None, cfg, step)
     return step
+
+
+def _load_frozen(module, resume: str) -> None:
+    """What the optimizer does not hold, the frozen parameters (`t2i.head_only`'s transformer, the
+    tokenizer-hybrid stage's encoder and quantizer) and the persistent buffers, from the checkpoint's
+    consolidated model.safetensors, after a world-size change: DeepSpeed's universal checkpoint restores only
+    the optimizer's parameters (found: the frozen ones kept the new run's fresh initialisation, silently)."""
+    targets = {n: p for n, p in module.named_parameters() if not p.requires_grad}
+    targets.update((n, b) for n, b in module.named_buffers() if zero_utils.is_persistent(module, n))
+    if not targets:
+        return
+    from safetensors import safe_open
+
+    file = os.path.join(resume, "model.safetensors")
+    with safe_open(file, framework="pt", device="cpu") as f:
+        others = tuple(k for k in f.keys() if k not in targets)
+    zero_utils.load_safetensors(module, file, skip=others, targets=targets)
 
 
 def _record_param_shards(module, ema, run_dir: str, construction_bytes: int | None) -> None:

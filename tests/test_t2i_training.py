@@ -117,3 +117,22 @@ def test_head_only_trains_only_the_diffusion_head(emoji_dataset, tokenizer_ckpt,
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("diffloss.") for n in trainable)
     assert trainable == {n for n, _ in model.named_parameters() if n.startswith("diffloss.")}
+
+
+def test_head_only_checkpoint_resumes_on_one_rank_with_its_frozen_weights(reference, emoji_dataset, tokenizer_ckpt,
+                                                                          tmp_path):
+    """head_only from a trained checkpoint, 2 ranks to step 4, resumed on 1 rank: DeepSpeed's ZeRO-3 universal
+    checkpoint holds only what its optimizer holds, so without `trainer._load_frozen` the frozen transformer
+    came back as the new run's seeded initialisation (found: weights off by up to 5e-3, silently)."""
+    base = reference / "ckpt" / "step_00000012"
+    args = overrides(emoji_dataset, tmp_path, "head", tokenizer_ckpt, "t2i.head_only=true", f"run.init_from={base}")
+    check(run_train(CONFIG, [*args, "run.max_steps=4"], nproc=2))
+    result = run_train(CONFIG, [*args, "run.max_steps=6"], nproc=1)
+    check(result)
+    assert "converting to a universal checkpoint" in result.stdout
+    start, four, six = (load_file(p / "model.safetensors") for p in
+                        (base, tmp_path / "head" / "ckpt" / "step_00000004", tmp_path / "head" / "ckpt" / "step_00000006"))
+    frozen = [k for k in start if not k.startswith("diffloss.")]
+    assert frozen and all(torch.equal(six[k], start[k]) for k in frozen)
+    head = [k for k in start if k.startswith("diffloss.")]
+    assert any(not torch.equal(six[k], four[k]) for k in head)  # the head went on training on 1 rank

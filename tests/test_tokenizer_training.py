@@ -112,6 +112,14 @@ def test_hybrid_stage_freezes_encoder_and_trains_decoder(reference, emoji_datase
     assert not (before["vae.decoder.conv_out.weight"] == after["vae.decoder.conv_out.weight"]).all()
     steps = losses(tmp_path / "hybrid")
     assert sum(steps[s]["recon"] for s in (11, 12)) < sum(steps[s]["recon"] for s in (1, 2))
+    # the 2-rank checkpoint of step 8 resumed on 1 rank keeps them too: DeepSpeed's universal checkpoint
+    # restores only what the optimizer holds, the trainer the rest (trainer._load_frozen)
+    shutil.rmtree(tmp_path / "hybrid" / "ckpt" / "step_00000012")
+    result = run_train(HYBRID, args, nproc=1)
+    check(result)
+    assert "converting to a universal checkpoint" in result.stdout
+    again = load_file(tmp_path / "hybrid" / "ckpt" / "step_00000012" / "model.safetensors")
+    assert all((before[k] == again[k]).all() for k in frozen)
 
 
 def test_hybrid_stage_starts_from_a_vae_only_tokenizer(reference, emoji_dataset, tmp_path):
