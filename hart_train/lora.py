@@ -30,6 +30,8 @@ Decisions:
   what full fine-tuning starts from too; of an imported official checkpoint, its model.safetensors), read
   again at every start (a resume included) from the path in the run's config. `load_checkpoint_model`
   rebuilds the model from a LoRA checkpoint's config.yaml the same way, with the adapters merged or not.
+  The base file's sha256 is in every checkpoint's meta.json (`lora_base_sha256`): a resume, `hart-sample`
+  and `hart-train export` refuse a base changed in place (`check_base`), whose adapters would no longer fit.
 - `dropout` is peft's nn.Dropout on the adapters' input: it draws from torch's global RNG, which the
   trainer checkpoints per rank (and activation checkpointing replays), not from the model's generator.
 - peft (and the transformers it imports, about 3 s) is imported where adapters are built, not at module
@@ -38,6 +40,7 @@ Decisions:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -47,6 +50,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from data_tools.token_format import file_sha256
 from hart_train import config as C
 from hart_train import zero_utils
 from hart_train.models.official_layout import load_official_state_dict
@@ -204,12 +208,27 @@ def base_dir(run: dict, where: str) -> str:
     return path
 
 
+def check_base(trained_on: str | None, found: str | None, base: str) -> None:
+    """A ValueError where the base weights at `base` (sha256 `found` of its model.safetensors) are not the ones
+    the adapters were trained on (`trained_on`, from the checkpoint's meta.json; None in checkpoints written
+    before it was recorded: not checked)."""
+    if trained_on is not None and found != trained_on:
+        raise ValueError(f"run.init_from: the base weights {base}/model.safetensors have changed since this LoRA "
+                         f"checkpoint was written (sha256 {found}, trained on {trained_on}); its adapters belong to "
+                         "that base: restore it, or start a new run")
+
+
 def load_checkpoint_model(model: nn.Module, ckpt_dir: str, run: dict, use_ema: bool, merged: bool) -> nn.Module:
     """`model` (a fresh HARTForT2I of the checkpoint's config, on the CPU) with a LoRA checkpoint's weights:
     the base from run.init_from, the adapters from ema.safetensors (`use_ema`) or model.safetensors, merged
     into the base or left as adapters. Returns the model (the same object; its layers replaced if merged)."""
     cfg_path = os.path.join(ckpt_dir, "config.yaml")
     base = base_dir(run, cfg_path)
+    meta = os.path.join(ckpt_dir, "meta.json")
+    if os.path.isfile(meta):
+        with open(meta, encoding="utf-8") as f:
+            trained_on = json.load(f).get("lora_base_sha256")
+        check_base(trained_on, file_sha256(os.path.join(base, "model.safetensors")), base)
     load_official_state_dict(model, load_file(os.path.join(base, "model.safetensors")), strict=True)
     inject(model, lora_of(run))
     name = "ema.safetensors" if use_ema else "model.safetensors"

@@ -317,7 +317,8 @@ def build_model(cfg: RunConfig, stage, ds_config: dict, device, init_from: str |
 
 
 def _save(cfg, stage, engine, ema, reader, root, step, device) -> str:
-    meta = {"stage": cfg.stage, "zero_stage": cfg.zero.stage, "samples": reader.state_dict().get("samples_consumed")}
+    meta = {"stage": cfg.stage, "zero_stage": cfg.zero.stage, "samples": reader.state_dict().get("samples_consumed"),
+            **stage.checkpoint_meta()}
     weights = {"model": zero_utils.full_state_dict(engine.module, device, rank=D.rank(),
                                                     trainable_only=stage.frozen_from_init)}
     if ema is not None:

@@ -246,6 +246,37 @@ def test_hart_sample_gives_the_same_images_merged_and_unmerged(reference, tmp_pa
     assert diff <= 1  # a value at a rounding boundary of the 8-bit conversion; a different token moves far more
 
 
+def test_a_base_changed_in_place_is_refused(reference, imported, t2i_args, tmp_path, capsys):
+    """The adapters fit the base they were trained on: every checkpoint records its sha256, and a resume or
+    hart-sample (export loads the same way) on a base changed since is one clear error, not adapters
+    silently applied to other weights."""
+    from safetensors.torch import save_file
+
+    from hart_train import sample_cli
+
+    ckpt = _ckpt(reference, 12)
+    assert json.loads((ckpt / "meta.json").read_text())["lora_base_sha256"] == _sha256(imported / "llm" / "model.safetensors")
+    base = tmp_path / "base"
+    shutil.copytree(imported / "llm", base)
+    state = load_file(base / "model.safetensors")
+    state["head.weight"] = state["head.weight"] + 1e-3  # fine-tuned in place, say
+    save_file(state, str(base / "model.safetensors"))
+    message = "have changed since this LoRA checkpoint was written"
+    run = tmp_path / "ref"
+    shutil.copytree(reference, run)
+    result = run_train(T2I, _args(t2i_args, imported, tmp_path, "ref", f"run.init_from={base}"), nproc=1)
+    assert result.returncode == 2 and "hart-train: error: run.init_from: the base weights" in result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr  # checked before anything starts
+    moved = tmp_path / "ckpt"
+    shutil.copytree(ckpt, moved)
+    config = yaml.safe_load((moved / "config.yaml").read_text())
+    config["run"]["init_from"] = str(base)
+    (moved / "config.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert sample_cli.main(["--model", str(moved), "--prompt", "red apple", "--out", str(tmp_path / "x.png")]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_planner_counts_the_adapters_as_measured(reference, imported, t2i_args, tmp_path):
     """`hart-train plan` for the LoRA run: masters, moments and EMA are the adapters', as memory.json measured,
     and the frozen base still counts as parameters."""

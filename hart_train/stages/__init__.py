@@ -9,7 +9,8 @@ step)`, `images(module, ema, step)`, `state_dict()` / `load_state_dict()` (tenso
 global across ranks) and a `generator` (torch.Generator, checkpointed with the run). Two attributes:
 `partitioned_construction` (build_model may run under ZeRO-3's partitioned initialisation) and
 `frozen_from_init` (the checkpoints hold the trainable parameters only, LoRA adapters: every start, a resume
-included, loads the frozen ones from `run.init_from`).
+included, loads the frozen ones from `run.init_from`). `checkpoint_meta()` gives plain values for the checkpoint's
+meta.json (a LoRA run's base weights' sha256, which `validate_paths` checks on resume).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from data_tools import schema, storage
 from data_tools.encode import tokenizer_checkpoint_config
 from data_tools.text_encoder import model_directory, resolve_kind
 from data_tools.token_format import file_sha256, is_token_dataset
+from hart_train import checkpoint as ckpt
+from hart_train import lora
 from hart_train.config import ConfigError
 from hart_train.models.buckets import Bucket, check_buckets, stage_buckets
 from hart_train.stages.t2i_stage import T2IStage
@@ -84,6 +87,18 @@ def validate_paths(cfg) -> None:
         _validate_t2i(cfg)
 
 
+def _check_lora_base(cfg) -> None:
+    """A LoRA run resuming: its adapters belong to the base they were trained on, whose sha256 the newest
+    complete checkpoint records (`lora_base_sha256`); a base changed in place since is refused here."""
+    resume = ckpt.latest_complete(os.path.join(cfg.run.out_dir, cfg.run.name, "ckpt"))
+    if resume is None:
+        return
+    trained_on = ckpt.read_meta(resume).get("lora_base_sha256")
+    if trained_on is not None:
+        lora.check_base(trained_on, file_sha256(os.path.join(cfg.run.init_from, "model.safetensors")),
+                        cfg.run.init_from)
+
+
 def _is_lora_checkpoint(path: str) -> bool:
     config = os.path.join(path, "config.yaml")
     if not os.path.exists(config):
@@ -99,6 +114,8 @@ def _validate_t2i(cfg) -> None:
     if t.lora is not None and not cfg.run.init_from:
         raise ConfigError("run.init_from: t2i.lora trains adapters on frozen base weights; set run.init_from to the "
                           "checkpoint they adapt (a t2i checkpoint, or `hart-train import`'s llm/ directory)")
+    if t.lora is not None:
+        _check_lora_base(cfg)
     if not t.tokenizer_ckpt:
         raise ConfigError("t2i.tokenizer_ckpt: required (a tokenizer checkpoint directory)")
     try:

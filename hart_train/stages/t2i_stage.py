@@ -67,6 +67,7 @@ from data_tools.encode import load_tokenizer
 from data_tools.reader import StreamingReader
 from data_tools.samples import to_unit_range
 from data_tools.text_encoder import TextEncoder
+from data_tools.token_format import file_sha256
 from hart_train import distributed as D
 from hart_train import lora, zero_utils
 from hart_train.models import HARTForT2I, TrainDraws
@@ -109,6 +110,7 @@ class T2IStage:
         self.tokenizer.to(device)
         self._text_encoder = TextEncoder(self.stage_cfg.text_encoder, device) if cfg.data.kind == "images" else None
         self.buckets = stage_buckets(self.stage_cfg.buckets, self.stage_cfg.model.patch_nums)
+        self._base_sha256: str | None = None  # a LoRA run's base weights (load_init)
         self._log: dict = {}
         self._eval_reader = self._held_out_reader() if self.stage_cfg.eval_url else None
         self._held_out: HeldOut | None = None  # read at the first evaluation, then kept
@@ -147,6 +149,13 @@ class T2IStage:
         check_regenerable_buffers(module, lvl, bias)
         targets = lora.base_targets(module) if self.stage_cfg.lora is not None else None
         zero_utils.load_safetensors(module, file, skip=REGENERABLE_BUFFERS, targets=targets)
+        if self.stage_cfg.lora is not None:
+            self._base_sha256 = file_sha256(file)
+
+    def checkpoint_meta(self) -> dict:
+        """Plain values for the checkpoint's meta.json: a LoRA run's base weights' sha256 (`lora_base_sha256`),
+        which a resume (`validate_paths`), `hart-sample` and export check the base at run.init_from against."""
+        return {"lora_base_sha256": self._base_sha256} if self.stage_cfg.lora is not None else {}
 
     def make_reader(self, rank: int, world_size: int) -> StreamingReader:
         return StreamingReader(self.cfg.data, rank=rank, world_size=world_size)

@@ -155,6 +155,10 @@ class TokenizerStage:
     def log_values(self) -> dict:
         return self._log
 
+    @staticmethod
+    def checkpoint_meta() -> dict:
+        return {}
+
     def state_dict(self) -> dict:
         return self.dead_codes.state_dict() if self.dead_codes is not None else {}
 
