@@ -18,7 +18,6 @@ import pytest
 
 from procs import REPO, check, env, run_train
 from runs import fullsize_t2i_overrides
-from text_models import save_tiny_qwen
 
 T2I = "configs/t2i_256.yaml"
 SHAPES = {
@@ -27,11 +26,6 @@ SHAPES = {
     "activations": ["t2i.model.embed_dim=128", "t2i.model.depth=2", "t2i.model.diff_width=1024",
                     "t2i.model.diff_depth=3", "data.batch_size=96"],
 }
-
-
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    return save_tiny_qwen(tmp_path_factory.mktemp("qwen2"))
 
 
 def _plan(overrides: list[str]) -> dict:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data_tools.text_encoder import HART_LLM_SYSTEM_PROMPT, TextEncoder, TextEncoderConfig, minilm_dir
-from text_models import captions, save_tiny_qwen
+from text_models import captions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -37,8 +37,8 @@ def tiny_t5_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_qwen_dir(tmp_path_factory):
-    return save_tiny_qwen(tmp_path_factory.mktemp("qwen2"))
+def tiny_qwen_dir(qwen):
+    return qwen  # the session's (conftest)
 
 
 def test_config_validation_names_the_field():
