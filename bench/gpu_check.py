@@ -12,6 +12,9 @@ Sections, in order (each records its own seconds, and an exception becomes that 
   must end with the uninterrupted run's losses (reported as the largest difference; bit-exact on CUDA
   needs deterministic kernels, which the run does not force), then `hart-sample` on the GPU. The data are
   generated shapes with captions (`synthetic_dataset`), so the check needs no fonts or downloads.
+- `buckets`: the tiny tokenizer and t2i stages in bf16 on a bucketed set of three aspects, with held-out
+  evaluation, and `hart-sample --aspect` of each bucket (`buckets_section`); `kernels` also times the
+  released model's attention on the largest 1024px bucket, 52x80.
 - `fullsize`: the released 0.7B shape at the 1024px schedule (configs/t2i_1024.yaml with a full-size random
   tokenizer and a width-1536 Qwen2, as bench/fullsize_step.py builds them) on every GPU, at the largest
   micro-batch `hart-train plan` says fits this GPU: s/step, samples/s, tokens/s, MFU (model FLOPs of
@@ -47,31 +50,35 @@ def _env() -> dict:
     return e
 
 
-def synthetic_dataset(resolution: int, count: int) -> Path:
+def synthetic_dataset(resolution: int, count: int, buckets: str | None = None) -> Path:
     """`count` generated image-caption pairs (coloured shapes on a plain ground, named in the caption),
-    sharded at `resolution` with `hart-data shard folder:` (no fonts or downloads on the GPU machine)."""
+    sharded at `resolution` with `hart-data shard folder:` (no fonts or downloads on the GPU machine).
+    `buckets` (hart-data shard --buckets): the images are square, 5:3 and 3:5 in turn, sharded by bucket."""
     from PIL import Image, ImageDraw
 
     from data_tools.shard import shard_dataset
 
-    out = WORK / f"shapes-{resolution}-{count}"
+    tag = f"shapes-{resolution}-{count}" + ("-buckets" if buckets else "")
+    out = WORK / tag
     if (out / "manifest.json").exists():
         return out
-    src = WORK / f"shapes-src-{resolution}-{count}"
+    src = WORK / f"{tag}-src"
     src.mkdir(parents=True, exist_ok=True)
     colours = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
     names = list(colours)
     for i in range(count):
         fg, bg = names[i % 4], names[(i // 4 + 1 + i % 4) % 4]
         shape = ("circle", "square")[(i // 16) % 2]
-        img = Image.new("RGB", (resolution, resolution), colours[bg])
+        w, h = ((resolution, resolution), (resolution * 5 // 3, resolution), (resolution, resolution * 5 // 3))[
+            i % 3 if buckets else 0]
+        img = Image.new("RGB", (w, h), colours[bg])
         d, m = ImageDraw.Draw(img), resolution // 8 + (i * 7) % (resolution // 8)
-        box = (m, m, resolution - m, resolution - m)
+        box = (m, m, w - m, h - m)
         (d.ellipse if shape == "circle" else d.rectangle)(box, fill=colours[fg])
         img.save(src / f"{i:05d}.png")
         (src / f"{i:05d}.txt").write_text(f"a {fg} {shape} on {bg}")
     shard_dataset(f"folder:{src}", str(out), resolution=resolution, fmt="png", samples_per_shard=64, workers=1,
-                  limit=count, progress=False)
+                  limit=count, progress=False, buckets=buckets)
     return out
 
 
@@ -122,14 +129,17 @@ def environment() -> dict:
             "apex": kernels.apex_available(), "peak_bf16_tflops": peak_tflops(names[0])}
 
 
-def _problem(width: int | None, heads: int | None, batch: int) -> dict:
-    """The 1024px schedule's attention at the expected kept count; width/heads None: the released model's."""
+def _problem(width: int | None, heads: int | None, batch: int, bucket: str | None = None) -> dict:
+    """The 1024px schedule's attention at the expected kept count; width/heads None: the released model's;
+    `bucket` (e.g. "52x80"): that aspect-ratio bucket's schedule instead of the square one."""
     from hart_train.flops import expected_kept_last
     from hart_train.models import HARTConfig
+    from hart_train.models.buckets import parse_bucket
 
     cfg = HARTConfig(patch_nums=(1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64), context_token=300)
     width, heads = width or cfg.embed_dim, heads or cfg.num_heads
-    seg = [300] + [p * p for p in cfg.patch_nums[1:-1]] + [round(expected_kept_last(cfg))]
+    grids = parse_bucket(bucket).schedule(cfg.patch_nums) if bucket else tuple((p, p) for p in cfg.patch_nums)
+    seg = [300] + [h * w for h, w in grids[1:-1]] + [round(expected_kept_last(cfg, schedule=grids))]
     hd = width // heads
     return {"batch": batch, "heads": heads, "head_dim": hd, "seg_lens": seg, "scale": 0.25 / hd ** 0.5}
 
@@ -140,7 +150,8 @@ def kernels_section() -> dict:
     dev = torch.device("cuda")
     out = {}
     for name, problem in {"official_benchmark_w256_h4": _problem(256, 4, 4),
-                          "released_model": _problem(None, None, 4)}.items():
+                          "released_model": _problem(None, None, 4),
+                          "released_model_bucket_52x80": _problem(None, None, 4, "52x80")}.items():
         measured = kernels.measure_attention(problem, dev, torch.bfloat16)
         passing = {n: m for n, m in measured.items() if m["ok"]}
         out[name] = {"measured": measured, "auto_choice": min(passing, key=lambda n: passing[n]["s"])}
@@ -224,6 +235,36 @@ def tiny_stages() -> dict:
     return report
 
 
+def buckets_section() -> dict:
+    """The tiny t2i stage in bf16 on a bucketed set (square, 5:3 and 3:5 images: buckets 4x4, 3x5, 5x3 of
+    the tiny schedule), one rank, then `hart-sample --aspect` of each bucket: the non-square schedules on
+    the GPU's kernels. Reports the losses, the buckets each step trained and the sampled sizes."""
+    from _common import free_port
+
+    data = synthetic_dataset(16, 96, buckets="16:16,20:12,12:20")
+    out = WORK / "buckets"
+    subprocess.run(["rm", "-rf", str(out)])
+    common = [f"data.urls=[{data}]", f"run.out_dir={out}", "data.num_workers=1", "run.max_steps=6", "run.save_every=6",
+              "run.log_every=1", "run.image_every=0", "run.eval_every=0", "run.log_samples=true"]
+    _run(_train_cmd("configs/tokenizer_vq_tiny.yaml", common + ["run.name=tok"], 1, free_port()))
+    t2i = common + ["run.name=t2i", f"t2i.tokenizer_ckpt={out / 'tok' / 'ckpt' / 'step_00000006'}",
+                    "t2i.buckets=[4x4,3x5,5x3]", f"t2i.eval_url={data}", "t2i.eval_samples=24"]
+    _run(_train_cmd("configs/t2i_tiny.yaml", t2i, 1, free_port()))
+    steps = [json.loads(line) for line in (out / "t2i" / "samples" / "rank_0.jsonl").read_text().splitlines()]
+    sizes = {}
+    for aspect in ("1:1", "16:9", "9:16"):
+        png = out / f"sample_{aspect.replace(':', 'x')}.png"
+        _run([sys.executable, "-m", "hart_train.sample_cli", "--model", str(out / "t2i" / "ckpt" / "step_00000006"),
+              "--prompt", "red circle", "--aspect", aspect, "--out", str(png), "--device", DEVICE])
+        from PIL import Image
+
+        sizes[aspect] = Image.open(png).size
+    records = [json.loads(line) for line in (out / "t2i" / "metrics.jsonl").read_text().splitlines()]
+    return {"t2i_losses": _losses(out / "t2i"), "step_buckets": [s["bucket"] for s in steps],
+            "held_out_loss": next((r["eval/loss"] for r in records if "eval/loss" in r), None),
+            "sampled_sizes_wh": sizes, "expected_sizes_wh": {"1:1": (16, 16), "16:9": (20, 12), "9:16": (12, 20)}}
+
+
 def fullsize() -> dict:
     from fullsize_step import overrides, prepare
     from _common import free_port
@@ -273,14 +314,16 @@ def main() -> int:
     report: dict = {}
     if DEVICE == "cpu":  # the script's own check, without a GPU
         section(report, "tiny_stages", tiny_stages)
+        section(report, "buckets", buckets_section)
         print(json.dumps(report, indent=1, default=str))
-        return 1 if "error" in report["tiny_stages"] else 0
+        return 1 if "error" in report["tiny_stages"] or "error" in report["buckets"] else 0
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible to torch; nothing to check on this machine", file=sys.stderr)
         return 2
     section(report, "environment", environment)
     section(report, "kernels", kernels_section)
     section(report, "tiny_stages", tiny_stages)
+    section(report, "buckets", buckets_section)
     if "--skip-fullsize" not in sys.argv:
         section(report, "fullsize", fullsize)
     print(json.dumps(report, indent=1, default=str))

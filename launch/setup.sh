@@ -24,4 +24,15 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -m pip install -q -e '.[test,demo]' 2>&1 | grep -v -e "is ignored" -e "^ *!!" -e "^\s*$" -e "wheel_obj" || true
+# DeepSpeed JIT-compiles its CPU ops on first use (the shared-memory comm op every CPU rank loads, cpu_adam
+# for optimizer offload: about 25 s and 45 s here): compile them now, into the venv, where launch/ and the
+# tests point TORCH_EXTENSIONS_DIR by default. Already built: only loaded.
+if ! built=$(DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions" .venv/bin/python -c "
+from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder
+ShareMemCommBuilder().load(verbose=False)
+CPUAdamBuilder().load(verbose=False)" 2>&1); then
+  echo "$built" >&2
+  echo "setup: compiling DeepSpeed's CPU ops failed (see above)" >&2
+  exit 1
+fi
 .venv/bin/python -c "import torch, deepspeed, data_tools, hart_train, tokenizer; print('setup: ok, torch', torch.__version__)"

@@ -182,3 +182,7 @@ def test_a_bucket_missing_from_t2i_buckets_is_refused_before_training(mixed, t2i
     cfg = C.load(RunConfig, T2I, t2i_args(tmp_path, "x", f"data.urls=[{mixed}]", "t2i.buckets=[4x4,3x5]"))
     with pytest.raises(C.ConfigError, match=r"holds bucket 12x20 px \(5x3 tokens\).*add it to t2i.buckets"):
         validate_paths(cfg)
+    # square images (the session's emoji set, not bucketed) train on the square bucket, which must be listed
+    cfg = C.load(RunConfig, T2I, t2i_args(tmp_path, "x", "t2i.buckets=[3x5,5x3]"))
+    with pytest.raises(C.ConfigError, match=r"holds square images .* the square bucket 4x4 is not in"):
+        validate_paths(cfg)

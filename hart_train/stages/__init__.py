@@ -159,9 +159,13 @@ def _check_buckets(cfg, url: str, key: str, patch_nums, downsample: int, allowed
     `allowed` (t2i.buckets), the set the model trains and samples on."""
     options = _manifest_options(url)
     names = options.get("buckets")
-    if names is None:
-        return
     where = f"{key} ({storage.redact(url)})"
+    if names is None:  # square images: the square bucket
+        S = patch_nums[-1]
+        if allowed is not None and Bucket(S, S) not in allowed:
+            raise ConfigError(f"t2i.buckets: {where} holds square images (not bucketed), but the square bucket "
+                              f"{S}x{S} is not in the model's buckets ({', '.join(b.name for b in allowed)}); add it")
+        return
     if options.get("resolution") != cfg.data.resolution:
         raise ConfigError(f"data.resolution: {cfg.data.resolution}, but {where} is bucketed for resolution "
                           f"{options.get('resolution')}")
