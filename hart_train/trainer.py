@@ -193,7 +193,7 @@ def _load_frozen(module, resume: str) -> None:
     """What the optimizer does not hold, the frozen parameters (`t2i.head_only`'s transformer, the
     tokenizer-hybrid stage's encoder and quantizer) and the persistent buffers, from the checkpoint's
     consolidated model.safetensors, after a world-size change: DeepSpeed's universal checkpoint restores only
-    the optimizer's parameters (found: the frozen ones kept the new run's fresh initialisation, silently)."""
+    the optimizer's parameters, and the others would keep the new run's fresh initialisation."""
     targets = {n: p for n, p in module.named_parameters() if not p.requires_grad}
     targets.update((n, b) for n, b in module.named_buffers() if zero_utils.is_persistent(module, n))
     if not targets:

@@ -122,8 +122,8 @@ def test_head_only_trains_only_the_diffusion_head(emoji_dataset, tokenizer_ckpt,
 def test_head_only_checkpoint_resumes_on_one_rank_with_its_frozen_weights(reference, emoji_dataset, tokenizer_ckpt,
                                                                           tmp_path):
     """head_only from a trained checkpoint, 2 ranks to step 4, resumed on 1 rank: DeepSpeed's ZeRO-3 universal
-    checkpoint holds only what its optimizer holds, so without `trainer._load_frozen` the frozen transformer
-    came back as the new run's seeded initialisation (found: weights off by up to 5e-3, silently)."""
+    checkpoint holds only what its optimizer holds; `trainer._load_frozen` brings the frozen transformer back
+    from model.safetensors (without it, the new run's seeded initialisation: weights off by up to 5e-3)."""
     base = reference / "ckpt" / "step_00000012"
     args = overrides(emoji_dataset, tmp_path, "head", tokenizer_ckpt, "t2i.head_only=true", f"run.init_from={base}")
     check(run_train(CONFIG, [*args, "run.max_steps=4"], nproc=2))
