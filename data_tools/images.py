@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -105,6 +106,12 @@ def process_image(data: bytes, opts: ImageOptions, bucket: Bucket | None = None)
     return ProcessedImage(encode(img, opts.fmt, opts.quality), img.width, img.height, orig_w, orig_h)
 
 
+def _pil_error(e: Exception) -> str:
+    """Pillow's message without the in-memory file's address ("cannot identify image file <_io.BytesIO object
+    at 0x7f...>"), which would make the stats files of two identical runs differ."""
+    return f"{type(e).__name__}: " + re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the image bytes", str(e))
+
+
 def open_image(data: bytes, opts: ImageOptions,
                target: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Decode fully (so truncation shows here) and turn upright per EXIF. Returns the image and the
@@ -124,9 +131,9 @@ def open_image(data: bytes, opts: ImageOptions,
             raise SkipImage("decompression_bomb", str(e)) from None
         except OSError as e:
             reason = "truncated" if "truncated" in str(e) else "undecodable"
-            raise SkipImage(reason, f"{type(e).__name__}: {e}") from None
+            raise SkipImage(reason, _pil_error(e)) from None
         except Exception as e:  # Pillow raises many exception types for garbage input
-            raise SkipImage("undecodable", f"{type(e).__name__}: {e}") from None
+            raise SkipImage("undecodable", _pil_error(e)) from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -458,8 +458,9 @@ def test_shards_read_back_identically_by_the_reader_and_webdataset(tmp_path):
 
 def test_shard_tars_are_byte_reproducible(tmp_path):
     """Two runs over the same source write the same bytes: TarWriter is given every header field
-    that would otherwise vary (mtime, mode, owner)."""
-    src = write_folder(tmp_path / "src", good_items(5))
+    that would otherwise vary (mtime, mode, owner); the per-shard stats too (a skipped image's reason
+    carries Pillow's message, without the address of the bytes it read)."""
+    src = write_folder(tmp_path / "src", {**good_items(5), "zgarbage.jpg": (b"not an image", "garbage")})
     first = shard_dataset(f"folder:{src}", str(tmp_path / "a"), resolution=16, samples_per_shard=2, progress=False)
     time.sleep(1.1)  # a header taking the clock would now differ
     second = shard_dataset(f"folder:{src}", str(tmp_path / "b"), resolution=16, samples_per_shard=2, progress=False)
@@ -468,6 +469,9 @@ def test_shard_tars_are_byte_reproducible(tmp_path):
         members = tar.getmembers()
     assert [m.name for m in members] == [f"000000_00000{i}.{ext}" for i in range(2) for ext in ("jpg", "json", "txt")]
     assert {(m.mtime, m.mode, m.uname, m.gname, m.uid, m.gid) for m in members} == {(0, 0o644, "hart", "hart", 0, 0)}
+    stats = [schema.shard_stats_name(i) for i in range(len(first.shards))]
+    assert [(tmp_path / "a" / n).read_bytes() for n in stats] == [(tmp_path / "b" / n).read_bytes() for n in stats]
+    assert b"cannot identify image file the image bytes" in b"".join((tmp_path / "a" / n).read_bytes() for n in stats)
 
 
 def test_wds_source_takes_webdatasets_url_syntax(tmp_path, monkeypatch, capsys):
