@@ -40,6 +40,7 @@ Decisions:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -208,6 +209,19 @@ def base_dir(run: dict, where: str) -> str:
     return path
 
 
+def base_sha256(base: str) -> str:
+    """sha256 of a base directory's model.safetensors, computed once per process for an unchanged file
+    (a start checks it in validate_paths and records it from load_init: one read of a multi-GB file)."""
+    path = os.path.join(base, "model.safetensors")
+    st = os.stat(path)
+    return _sha256_of(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
+
+
 def check_base(trained_on: str | None, found: str | None, base: str) -> None:
     """A ValueError where the base weights at `base` (sha256 `found` of its model.safetensors) are not the ones
     the adapters were trained on (`trained_on`, from the checkpoint's meta.json; None in checkpoints written
@@ -228,7 +242,7 @@ def load_checkpoint_model(model: nn.Module, ckpt_dir: str, run: dict, use_ema: b
     if os.path.isfile(meta):
         with open(meta, encoding="utf-8") as f:
             trained_on = json.load(f).get("lora_base_sha256")
-        check_base(trained_on, file_sha256(os.path.join(base, "model.safetensors")), base)
+        check_base(trained_on, base_sha256(base), base)
     load_official_state_dict(model, load_file(os.path.join(base, "model.safetensors")), strict=True)
     inject(model, lora_of(run))
     name = "ema.safetensors" if use_ema else "model.safetensors"

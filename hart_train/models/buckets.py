@@ -251,6 +251,16 @@ def largest_bucket(buckets: Iterable[Bucket], patch_nums: Sequence[int]) -> Buck
     return max(buckets, key=lambda b: (num_tokens(b.schedule(patch_nums)), b.height * b.width))
 
 
+def image_schedule(size: Sequence[int] | None, patch_nums: Sequence[int],
+                   downsample: int = 16) -> tuple[Bucket | None, Schedule | None]:
+    """The bucket of a batch of images `size` = (width, height) px (the reader's `batch["bucket"]`; None: no
+    bucket, e.g. token batches) and its `training_schedule`."""
+    if size is None:
+        return None, None
+    bucket = Bucket.from_image_size(*size, downsample=downsample)
+    return bucket, training_schedule(bucket, patch_nums)
+
+
 def training_schedule(bucket: Bucket | None, patch_nums: Sequence[int]) -> Schedule | None:
     """The `schedule` argument of the model and tokenizer for a batch of `bucket`: None (the square path,
     computed exactly as without buckets) for no bucket or the square S x S one, else the bucket's schedule."""

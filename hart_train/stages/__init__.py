@@ -95,8 +95,7 @@ def _check_lora_base(cfg) -> None:
         return
     trained_on = ckpt.read_meta(resume).get("lora_base_sha256")
     if trained_on is not None:
-        lora.check_base(trained_on, file_sha256(os.path.join(cfg.run.init_from, "model.safetensors")),
-                        cfg.run.init_from)
+        lora.check_base(trained_on, lora.base_sha256(cfg.run.init_from), cfg.run.init_from)
 
 
 def _is_lora_checkpoint(path: str) -> bool:

@@ -67,11 +67,10 @@ from data_tools.encode import load_tokenizer
 from data_tools.reader import StreamingReader
 from data_tools.samples import to_unit_range
 from data_tools.text_encoder import TextEncoder
-from data_tools.token_format import file_sha256
 from hart_train import distributed as D
 from hart_train import lora, zero_utils
 from hart_train.models import HARTForT2I, TrainDraws
-from hart_train.models.buckets import Bucket, Schedule, as_schedule, stage_buckets, training_schedule
+from hart_train.models.buckets import Schedule, as_schedule, image_schedule, stage_buckets
 from hart_train.flops import expected_kept_last
 from hart_train.models.official_layout import REGENERABLE_BUFFERS, check_regenerable_buffers
 from hart_train.sampling import sample_images
@@ -150,7 +149,7 @@ class T2IStage:
         targets = lora.base_targets(module) if self.stage_cfg.lora is not None else None
         zero_utils.load_safetensors(module, file, skip=REGENERABLE_BUFFERS, targets=targets)
         if self.stage_cfg.lora is not None:
-            self._base_sha256 = file_sha256(file)
+            self._base_sha256 = lora.base_sha256(path)
 
     def checkpoint_meta(self) -> dict:
         """Plain values for the checkpoint's meta.json: a LoRA run's base weights' sha256 (`lora_base_sha256`),
@@ -183,13 +182,11 @@ class T2IStage:
         """The model's and tokenizer's `schedule` for a batch: its aspect-ratio bucket's (the reader's
         `batch["bucket"]`, (width, height) px), None for the square bucket and for token batches (square)."""
         size = batch.get("bucket")
-        if size is None:
-            return None
-        bucket = Bucket.from_image_size(*size, downsample=self.tokenizer.cfg.downsample)
-        if bucket not in self.buckets:
+        bucket, schedule = image_schedule(size, self.stage_cfg.model.patch_nums, self.tokenizer.cfg.downsample)
+        if bucket is not None and bucket not in self.buckets:
             raise ValueError(f"a batch of bucket {bucket.name} ({size[0]}x{size[1]} px) is not in t2i.buckets "
                              f"({', '.join(b.name for b in self.buckets)})")
-        return training_schedule(bucket, self.stage_cfg.model.patch_nums)
+        return schedule
 
     def attention_problem(self) -> dict:
         """The training attention's shape for `run.attention: auto` to time kernels at: the micro-batch,

@@ -30,7 +30,7 @@ from data_tools.reader import ReaderConfig, StreamingReader
 from data_tools.samples import to_unit_range
 from hart_train import distributed as D
 from hart_train import zero_utils
-from hart_train.models.buckets import Bucket, training_schedule
+from hart_train.models.buckets import image_schedule
 from tokenizer.autoencoder import HARTAutoEncoderWithDisc
 from tokenizer.losses import DeadCodeTracker, TokenizerCriterion, code_hits, codebook_usage, restart_codes
 from tokenizer.metrics import psnr, ssim
@@ -117,8 +117,7 @@ class TokenizerStage:
         """The quantizer's schedule for a batch of the reader's aspect-ratio bucket `batch["bucket"]` ((width,
         height) px; `validate_paths` has checked the dataset's buckets): None for the square one."""
         m = self.stage_cfg.model
-        size = batch.get("bucket")
-        return None if size is None else training_schedule(Bucket.from_image_size(*size, m.downsample), m.patch_nums)
+        return image_schedule(batch.get("bucket"), m.patch_nums, m.downsample)[1]
 
     @staticmethod
     def frozen_modules(module: nn.Module) -> list[nn.Module]:
